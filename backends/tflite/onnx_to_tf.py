@@ -1,0 +1,304 @@
+"""Translate an FP32 ONNX graph into a TensorFlow function, the input of the TFLite converter.
+
+Why our own translator: onnx2tf pins old TensorFlow/NumPy/protobuf, takes minutes, recalibrates on
+its own and was measured producing chance-level output from QDQ graphs (DESIGN.md section 3). The
+TFLite backend only needs the FP32 graph in TensorFlow form; quantization parameters come from the
+plan and are applied after conversion (``backends.tflite.apply_plan``).
+
+Layout: with ``layout="nhwc"`` every 4-D activation is carried NHWC (TFLite's native layout) and the
+graph input is NHWC; ``layout="nchw"`` keeps the model's NCHW input and transposes internally.
+Supported ONNX ops are listed in :data:`SUPPORTED_OPS`; anything else raises
+:class:`deployer.errors.UnsupportedModelError` naming the node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from deployer.errors import UnsupportedModelError
+
+SUPPORTED_OPS = (
+    "Conv", "Relu", "Clip", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "AveragePool", "MaxPool",
+    "Reshape", "Flatten", "Gemm", "MatMul", "Softmax", "Sigmoid", "Tanh", "Concat", "Identity",
+    "HardSigmoid", "HardSwish", "Transpose",
+)
+
+
+@dataclass
+class _T:
+    """A translated tensor: the TF value and whether its 4-D layout is NHWC."""
+
+    value: Any
+    nhwc: bool = False
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _same_pads(in_hw: tuple[int, int], k: list[int], s: list[int], d: list[int]) -> list[int]:
+    """TensorFlow SAME padding as ONNX [top, left, bottom, right]."""
+    pads_begin, pads_end = [], []
+    for size, kk, ss, dd in zip(in_hw, k, s, d):
+        eff = (kk - 1) * dd + 1
+        out = -(-size // ss)
+        total = max((out - 1) * ss + eff - size, 0)
+        pads_begin.append(total // 2)
+        pads_end.append(total - total // 2)
+    return pads_begin + pads_end
+
+
+class OnnxToTf:
+    """Builds a ``tf.function`` equivalent of an FP32 ONNX model.
+
+    Args:
+        model: FP32 ONNX model with static input shapes (batch included) and constant weights.
+        layout: ``"nhwc"`` (TFLite convention, image inputs transposed) or ``"nchw"``.
+
+    Raises:
+        UnsupportedModelError: an op outside :data:`SUPPORTED_OPS` or a non-constant weight.
+    """
+
+    def __init__(self, model: onnx.ModelProto, layout: str = "nhwc", tag_tensors: bool = True) -> None:
+        import tensorflow as tf  # heavy import, only inside the backend
+
+        self.tf = tf
+        self.model = model
+        self.layout = layout
+        self.consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        for node in model.graph.node:
+            if node.op_type == "Constant":
+                self.consts[node.output[0]] = numpy_helper.to_array(_attrs(node)["value"])
+        for node in model.graph.node:
+            if node.op_type not in SUPPORTED_OPS and node.op_type != "Constant":
+                raise UnsupportedModelError(
+                    f"TFLite lowering does not support ONNX op {node.op_type} (node {node.name!r}); "
+                    f"supported: {', '.join(SUPPORTED_OPS)}"
+                )
+        self.tag_tensors = tag_tensors
+        self._name: str | None = None
+        self.tensor_ids = {o: i for i, o in enumerate(o for n in model.graph.node for o in n.output)}
+        init_names = set(self.consts)
+        self.inputs = [i for i in model.graph.input if i.name not in init_names]
+
+    def input_signature(self) -> list[Any]:
+        """TensorSpecs of the graph inputs in the chosen layout."""
+        tf = self.tf
+        specs = []
+        for vi in self.inputs:
+            shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
+            if len(shape) == 4 and self.layout == "nhwc":
+                shape = [shape[0], shape[2], shape[3], shape[1]]
+            specs.append(tf.TensorSpec(shape, tf.as_dtype(dtype), name=_tf_name(vi.name)))
+        return specs
+
+    def function(self) -> Callable[..., Any]:
+        """A ``tf.function`` taking inputs in graph order and returning outputs in graph order."""
+        tf = self.tf
+
+        @tf.function(input_signature=self.input_signature())
+        def fn(*args: Any) -> Any:
+            env: dict[str, _T] = {}
+            for vi, a in zip(self.inputs, args):
+                env[vi.name] = _T(a, nhwc=len(a.shape) == 4 and self.layout == "nhwc")
+            for node in self.model.graph.node:
+                if node.op_type == "Constant":
+                    continue
+                self._name = f"onnxt{self.tensor_ids[node.output[0]]}x" if self.tag_tensors else None
+                outs = self._op(node, env)
+                for name, val in zip(node.output, outs):
+                    env[name] = val
+            results = []
+            for vo in self.model.graph.output:
+                t = env[vo.name]
+                v = t.value
+                if t.nhwc and self.layout == "nchw":
+                    v = tf.transpose(v, [0, 3, 1, 2])
+                results.append(tf.identity(v, name=_tf_name(vo.name)))
+            return results if len(results) > 1 else results[0]
+
+        return fn
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _get(self, env: dict[str, _T], name: str) -> _T:
+        if name in env:
+            return env[name]
+        if name in self.consts:
+            return _T(self.tf.constant(self.consts[name]), nhwc=False)
+        raise UnsupportedModelError(f"tensor {name!r} has no producer")
+
+    def _nchw(self, t: _T) -> Any:
+        return self.tf.transpose(t.value, [0, 3, 1, 2]) if t.nhwc else t.value
+
+    def _nhwc(self, t: _T) -> Any:
+        return t.value if t.nhwc else self.tf.transpose(t.value, [0, 2, 3, 1])
+
+    def _binary(self, node: onnx.NodeProto, env: dict[str, _T], fn: Callable[[Any, Any], Any]) -> list[_T]:
+        a = self._get(env, node.input[0])
+        b = self._get(env, node.input[1])
+        if a.nhwc or b.nhwc:
+            # Broadcast constants given in NCHW (C,1,1) or (1,C,1,1) to NHWC.
+            vals = []
+            for t, name in ((a, node.input[0]), (b, node.input[1])):
+                if t.nhwc:
+                    vals.append(t.value)
+                elif name in self.consts and self.consts[name].ndim >= 3:
+                    c = self.consts[name]
+                    c = c.reshape((1,) * (4 - c.ndim) + c.shape)
+                    vals.append(self.tf.constant(np.transpose(c, (0, 2, 3, 1))))
+                elif len(t.value.shape) == 4:
+                    vals.append(self._nhwc(t))
+                else:
+                    vals.append(t.value)
+            return [_T(fn(vals[0], vals[1], name=self._name), nhwc=True)]
+        return [_T(fn(a.value, b.value, name=self._name))]
+
+    def _op(self, node: onnx.NodeProto, env: dict[str, _T]) -> list[_T]:
+        tf = self.tf
+        op = node.op_type
+        at = _attrs(node)
+        if op == "Conv":
+            return [self._conv(node, env, at)]
+        if op == "Relu":
+            x = self._get(env, node.input[0])
+            return [_T(tf.nn.relu(x.value, name=self._name), x.nhwc)]
+        if op == "Clip":
+            x = self._get(env, node.input[0])
+            lo = float(self.consts[node.input[1]]) if len(node.input) > 1 and node.input[1] else at.get("min", -np.inf)
+            hi = float(self.consts[node.input[2]]) if len(node.input) > 2 and node.input[2] else at.get("max", np.inf)
+            if lo == 0.0 and hi == 6.0:
+                return [_T(tf.nn.relu6(x.value, name=self._name), x.nhwc)]
+            if lo == 0.0 and np.isinf(hi):
+                return [_T(tf.nn.relu(x.value, name=self._name), x.nhwc)]
+            return [_T(tf.clip_by_value(x.value, lo, hi, name=self._name), x.nhwc)]
+        if op in ("Sigmoid", "Tanh", "Identity"):
+            x = self._get(env, node.input[0])
+            f = {"Sigmoid": tf.math.sigmoid, "Tanh": tf.math.tanh, "Identity": tf.identity}[op]  # type: ignore[dict-item]
+            return [_T(f(x.value, name=self._name), x.nhwc)]
+        if op == "HardSigmoid":
+            x = self._get(env, node.input[0])
+            alpha, beta = at.get("alpha", 0.2), at.get("beta", 0.5)
+            return [_T(tf.clip_by_value(x.value * alpha + beta, 0.0, 1.0), x.nhwc)]
+        if op == "HardSwish":
+            x = self._get(env, node.input[0])
+            return [_T(x.value * tf.nn.relu6(x.value + 3.0) / 6.0, x.nhwc)]
+        if op == "Add":
+            return self._binary(node, env, tf.add)
+        if op == "Sub":
+            return self._binary(node, env, tf.subtract)
+        if op == "Mul":
+            return self._binary(node, env, tf.multiply)
+        if op == "Div":
+            return self._binary(node, env, tf.divide)
+        if op == "GlobalAveragePool":
+            x = self._get(env, node.input[0])
+            v = tf.reduce_mean(self._nhwc(x), axis=[1, 2], keepdims=True, name=self._name)
+            return [_T(v, nhwc=True)]
+        if op in ("AveragePool", "MaxPool"):
+            x = self._get(env, node.input[0])
+            xv = self._nhwc(x)
+            k = list(at["kernel_shape"])
+            s = list(at.get("strides", [1, 1]))
+            pads = list(at.get("pads", [0, 0, 0, 0]))
+            padding = self._padding(xv, k, s, [1, 1], pads, fill=-np.inf if op == "MaxPool" else 0.0,
+                                    count_include_pad=bool(at.get("count_include_pad", 0)), op=op)
+            xv, pad_mode = padding
+            f = tf.nn.max_pool2d if op == "MaxPool" else tf.nn.avg_pool2d
+            return [_T(f(xv, ksize=k, strides=s, padding=pad_mode, name=self._name), nhwc=True)]
+        if op in ("Reshape", "Flatten"):
+            x = self._get(env, node.input[0])
+            xv = self._nchw(x) if len(x.value.shape) == 4 else x.value
+            if op == "Flatten":
+                axis = at.get("axis", 1)
+                shape = xv.shape
+                lead = int(np.prod(shape[:axis])) if axis else 1
+                return [_T(tf.reshape(xv, [lead, -1], name=self._name))]
+            target = [int(v) for v in self.consts[node.input[1]]]
+            target = [xv.shape[i] if (v == 0 and not at.get("allowzero", 0)) else v for i, v in enumerate(target)]
+            return [_T(tf.reshape(xv, target, name=self._name))]
+        if op == "Transpose":
+            x = self._get(env, node.input[0])
+            xv = self._nchw(x) if x.nhwc else x.value
+            return [_T(tf.transpose(xv, list(at["perm"]), name=self._name))]
+        if op == "Gemm":
+            a = self._get(env, node.input[0]).value
+            if at.get("transA", 0):
+                a = tf.transpose(a)
+            w = self.consts.get(node.input[1])
+            if w is None:
+                raise UnsupportedModelError(f"Gemm {node.name!r} has a non-constant weight")
+            w = w.T if at.get("transB", 0) else w
+            y = tf.matmul(a, tf.constant(w * at.get("alpha", 1.0)))
+            if len(node.input) > 2 and node.input[2]:
+                y = tf.add(y, tf.constant(self.consts[node.input[2]] * at.get("beta", 1.0)), name=self._name)
+            return [_T(y)]
+        if op == "MatMul":
+            a = self._get(env, node.input[0])
+            b = self._get(env, node.input[1])
+            return [_T(tf.matmul(self._nchw(a) if a.nhwc else a.value, self._nchw(b) if b.nhwc else b.value))]
+        if op == "Softmax":
+            x = self._get(env, node.input[0])
+            xv = self._nchw(x) if x.nhwc else x.value
+            return [_T(tf.nn.softmax(xv, axis=at.get("axis", -1), name=self._name))]
+        if op == "Concat":
+            ts = [self._get(env, n) for n in node.input]
+            axis = at["axis"]
+            if any(t.nhwc for t in ts) and axis in (1, -3) and all(len(t.value.shape) == 4 for t in ts):
+                return [_T(tf.concat([self._nhwc(t) for t in ts], axis=3, name=self._name), nhwc=True)]
+            return [_T(tf.concat([self._nchw(t) if t.nhwc else t.value for t in ts], axis=axis, name=self._name))]
+        raise UnsupportedModelError(f"TFLite lowering does not support ONNX op {op} (node {node.name!r})")
+
+    def _padding(self, xv: Any, k: list[int], s: list[int], d: list[int], pads: list[int], fill: float,
+                 count_include_pad: bool = True, op: str = "Conv") -> tuple[Any, str]:
+        tf = self.tf
+        hw = (int(xv.shape[1]), int(xv.shape[2]))
+        if not any(pads):
+            return xv, "VALID"
+        if list(pads) == _same_pads(hw, k, s, d) and (op != "AveragePool" or not count_include_pad):
+            return xv, "SAME"
+        top, left, bottom, right = pads
+        if op == "AveragePool" and not count_include_pad:
+            raise UnsupportedModelError("AveragePool with explicit pads and count_include_pad=0 is not supported")
+        return tf.pad(xv, [[0, 0], [top, bottom], [left, right], [0, 0]], constant_values=fill), "VALID"
+
+    def _conv(self, node: onnx.NodeProto, env: dict[str, _T], at: dict[str, Any]) -> _T:
+        tf = self.tf
+        x = self._get(env, node.input[0])
+        if node.input[1] not in self.consts:
+            raise UnsupportedModelError(f"Conv {node.name!r} has a non-constant weight; fold constants first")
+        w = self.consts[node.input[1]]  # (O, I/g, kH, kW)
+        if w.ndim != 4:
+            raise UnsupportedModelError(f"Conv {node.name!r}: only 2-D convolutions are supported")
+        group = int(at.get("group", 1))
+        k = list(w.shape[2:])
+        s = list(at.get("strides", [1, 1]))
+        d = list(at.get("dilations", [1, 1]))
+        pads = list(at.get("pads", [0, 0, 0, 0]))
+        if at.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            raise UnsupportedModelError(f"Conv {node.name!r}: auto_pad is not supported; export with explicit pads")
+        xv = self._nhwc(x)
+        xv, mode = self._padding(xv, k, s, d, pads, fill=0.0)
+        cin = int(xv.shape[3])
+        if group == 1:
+            y = tf.nn.conv2d(xv, tf.constant(np.transpose(w, (2, 3, 1, 0))), strides=s, padding=mode, dilations=d)
+        elif group == cin and w.shape[1] == 1:
+            mult = w.shape[0] // cin
+            wk = np.transpose(w.reshape(cin, mult, k[0], k[1]), (2, 3, 0, 1))  # H, W, C, M
+            y = tf.nn.depthwise_conv2d(xv, tf.constant(wk), strides=[1, *s, 1], padding=mode, dilations=d)
+        else:
+            raise UnsupportedModelError(f"Conv {node.name!r}: grouped convolution (group={group}) is not supported")
+        if len(node.input) > 2 and node.input[2]:
+            y = tf.nn.bias_add(y, tf.constant(self.consts[node.input[2]]), name=self._name)
+        return _T(y, nhwc=True)
+
+
+def _tf_name(name: str) -> str:
+    """A TensorFlow-legal op name derived from an ONNX tensor name."""
+    out = "".join(c if (c.isalnum() or c in "._-") else "_" for c in name)
+    return out if out and out[0].isalnum() else f"t{out}"

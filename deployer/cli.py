@@ -1,0 +1,189 @@
+"""The ``deploy`` command. A thin layer: parse, call the Python API, print.
+
+Exit codes: 0 ok (a vendor compile step reported as not run is ok), 1 an enforced gate failed,
+2 bad input, 3 a requested backend cannot run at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from deployer.errors import DeployerError
+
+SUBCOMMANDS = ("plan", "targets", "examples")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="ONNX file or built-in example name (default: efficientnet-lite0)")
+    p.add_argument("--calib", metavar="DIR", help="folder of .npy/.npz calibration samples keyed by input name")
+    p.add_argument("--calib-samples", type=int, help="number of calibration samples (examples: any N)")
+    p.add_argument("--heldout-samples", type=int, default=300, help="held-out samples of a built-in example")
+    p.add_argument("--observer", default="minmax", help="activation observer: minmax | ema (default minmax)")
+    p.add_argument("--ema-momentum", type=float, default=0.9, help="EMA momentum for --observer ema")
+    p.add_argument("--recipe", default="int8", help="int8 | mixed | fp16 | rules file (JSON/YAML)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the example's crop split")
+    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deploy", description="Quantize once, lower to tflite / tensorrt / ascend, verify.")
+    _common(p)
+    p.add_argument("--target", default="all", help="tflite,tensorrt,ascend or all (comma-separated)")
+    p.add_argument("--out", default="deploy-out", metavar="DIR", help="output directory (default deploy-out)")
+    p.add_argument("--plan", metavar="FILE", help="lower this plan (validated first) instead of calibrating")
+    p.add_argument("--soc-version", default=None, help="Ascend SoC for atc (default Ascend310P3)")
+    p.add_argument("--tflite-io", default="int8", help="int8 | uint8 | float model inputs/outputs (default int8)")
+    p.add_argument("--tflite-layout", default="nhwc", help="nhwc | nchw (default nhwc)")
+    return p
+
+
+def _plan_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deploy plan", description="Calibrate and write a plan without lowering.")
+    _common(p)
+    p.add_argument("--out", default="plan.json", metavar="FILE", help="plan file to write (default plan.json)")
+    return p
+
+
+def _print(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr)
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return lambda *a: None
+    state: dict[str, Any] = {}
+
+    def update(task: str, done: int, total: int) -> None:
+        from rich.progress import Progress
+
+        if "p" not in state:
+            state["p"] = Progress(transient=True)
+            state["p"].start()
+            state["t"] = state["p"].add_task(task, total=total)
+        state["p"].update(state["t"], completed=done)
+        if done >= total:
+            state["p"].stop()
+            state.clear()
+
+    return update
+
+
+def cmd_targets(args: Sequence[str]) -> int:
+    from backends.base import discover
+
+    as_json = "--json" in args
+    rows = []
+    for name, b in discover().items():
+        ok, why = b.available()
+        rows.append({"target": name, "available": ok, "reason": why, "description": b.description})
+    if as_json:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            state = "available" if r["available"] else f"unavailable: {r['reason']}"
+            print(f"{r['target']:<10} {state}  ({r['description']})")
+    return 0
+
+
+def cmd_examples(args: Sequence[str]) -> int:
+    from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES
+
+    if "--json" in args:
+        print(json.dumps([{"name": e.name, "description": e.description, "requires": e.requires,
+                           "default": e.name == DEFAULT_EXAMPLE} for e in EXAMPLES.values()], indent=1))
+    else:
+        for e in EXAMPLES.values():
+            flag = " (default)" if e.name == DEFAULT_EXAMPLE else ""
+            print(f"{e.name}{flag}: {e.description}")
+    return 0
+
+
+def cmd_plan(argv: Sequence[str]) -> int:
+    from deployer.pipeline import DeployOptions, plan_only
+
+    a = _plan_parser().parse_args(argv)
+    opts = DeployOptions(observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
+                         heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
+                         overwrite=a.overwrite)
+    plan = plan_only(a.model, a.calib, a.out, opts, _progress(not (a.quiet or a.json) and sys.stderr.isatty()))
+    if a.json:
+        print(json.dumps({"plan": a.out, "nodes": len(plan.nodes), "ranges": len(plan.ranges)}))
+    else:
+        _print(f"plan written to {a.out}: {len(plan.nodes)} nodes, {len(plan.ranges)} ranges", a.quiet)
+    return 0
+
+
+def cmd_deploy(argv: Sequence[str]) -> int:
+    from deployer.pipeline import DeployOptions, run_deploy
+
+    a = build_parser().parse_args(argv)
+    backend_options = {"tflite_io": a.tflite_io, "tflite_layout": a.tflite_layout}
+    if a.soc_version:
+        backend_options["soc_version"] = a.soc_version
+    opts = DeployOptions(targets=a.target, observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
+                         heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
+                         overwrite=a.overwrite, backend_options=backend_options)
+    log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
+    result = run_deploy(a.model, a.calib, a.out, opts, a.plan,
+                        progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log)
+    if a.json:
+        print(json.dumps(result.report, indent=1, sort_keys=True))
+    elif not a.quiet:
+        print(format_table(result.report))
+        print(f"\nwrote {result.out_dir}/ (plan.json, report.json, artifacts)")
+    return 0
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The short terminal table: one row per target."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="deploy: fidelity vs FP32 on held-out samples")
+    for col in ("target", "artifact", "fidelity", "size vs FP32", "verified by", "notes"):
+        table.add_column(col)
+    for name, t in report["targets"].items():
+        fid = t["fidelity"]
+        parts = [f"{k} {v:.4f}" for k, v in fid.items() if isinstance(v, float)]
+        sq = fid.get("sqnr_db", {})
+        parts += [f"SQNR {v:.1f} dB" for v in sq.values()][:1]
+        size = t["size_bytes"]
+        ratio = f"{size['artifact'] / 1e6:.2f} MB ({100 * size['ratio']:.1f}%)" if size.get("ratio") else \
+            f"{size['artifact'] / 1e6:.2f} MB"
+        table.add_row(name, t["artifact"], ", ".join(parts), ratio, t["verified_by"], "; ".join(t["notes"]))
+    console = Console(file=None, width=200, no_color=not sys.stdout.isatty(), force_terminal=False)
+    with console.capture() as cap:
+        console.print(table)
+    return cap.get()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``deploy`` console script; returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        if args and args[0] == "targets":
+            return cmd_targets(args[1:])
+        if args and args[0] == "examples":
+            return cmd_examples(args[1:])
+        if args and args[0] == "plan":
+            return cmd_plan(args[1:])
+        return cmd_deploy(args)
+    except DeployerError as e:
+        print(f"deploy: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("deploy: interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Recipes: ordered rules over the graph that decide each node's precision.
+
+A rule is ``{"match": {"op_type": [..], "name": "regex", "scope": "prefix"}, "precision": "int8|fp16|fp32"}``;
+every rule is tried in order and the *last* matching rule decides (later rules refine earlier ones,
+as in ai-edge-quantizer recipes). Presets:
+
+- ``int8``: every node INT8; Conv/ConvTranspose/Gemm/MatMul with a constant weight get symmetric
+  per-channel INT8 weights.
+- ``fp16``: every node FP16.
+- ``mixed`` (the seed's rule): ``int8`` plus attention blocks (MatMul with two activation inputs,
+  Softmax) in FP16.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from deployer.errors import BadInputError
+from deployer.graph import WEIGHTED_OPS, GraphView
+from deployer.plan import Granularity, NodeDecision, Precision, WeightScheme
+
+ALL = {"op_type": None}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One recipe rule (see module docstring)."""
+
+    precision: Precision
+    op_type: tuple[str, ...] | None = None
+    name: str | None = None
+    scope: str | None = None
+    attention: bool = False
+    label: str = ""
+
+    def matches(self, node: onnx.NodeProto, view: GraphView) -> bool:
+        if self.op_type is not None and node.op_type not in self.op_type:
+            return False
+        if self.name is not None and not re.search(self.name, node.name):
+            return False
+        if self.scope is not None and not node.name.lstrip("/").startswith(self.scope.lstrip("/")):
+            return False
+        if self.attention and not is_attention_node(node, view):
+            return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        m: dict[str, Any] = {}
+        if self.op_type is not None:
+            m["op_type"] = list(self.op_type)
+        if self.name is not None:
+            m["name"] = self.name
+        if self.scope is not None:
+            m["scope"] = self.scope
+        if self.attention:
+            m["attention"] = True
+        return {"match": m, "precision": self.precision.value, "label": self.label}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Rule":
+        if not isinstance(d, dict) or set(d) - {"match", "precision", "label"} or "precision" not in d:
+            raise BadInputError(f"recipe rule {d!r} must be {{'match': {{...}}, 'precision': ...}}")
+        m = d.get("match", {})
+        if set(m) - {"op_type", "name", "scope", "attention"}:
+            raise BadInputError(f"recipe rule match keys {sorted(m)}: allowed op_type, name, scope, attention")
+        try:
+            prec = Precision(d["precision"])
+        except ValueError:
+            raise BadInputError(f"recipe rule precision {d['precision']!r}: use int8, fp16 or fp32") from None
+        ops = m.get("op_type")
+        if isinstance(ops, str):
+            ops = [ops]
+        if m.get("name") is not None:
+            try:
+                re.compile(m["name"])
+            except re.error as e:
+                raise BadInputError(f"recipe rule name pattern {m['name']!r} is not a valid regex ({e})") from None
+        return cls(prec, tuple(ops) if ops else None, m.get("name"), m.get("scope"), bool(m.get("attention", False)),
+                   d.get("label", ""))
+
+
+def is_attention_node(node: onnx.NodeProto, view: GraphView) -> bool:
+    """Softmax, or MatMul whose two inputs are both activations (Q·K^T, P·V)."""
+    if node.op_type == "Softmax":
+        return True
+    if node.op_type == "MatMul":
+        return not any(view.is_constant(i) for i in node.input[:2])
+    return False
+
+
+PRESETS: dict[str, list[Rule]] = {
+    "int8": [Rule(Precision.INT8, label="int8: every node")],
+    "fp16": [Rule(Precision.FP16, label="fp16: every node")],
+    "mixed": [
+        Rule(Precision.INT8, label="mixed: every node int8"),
+        Rule(Precision.FP16, attention=True, label="mixed: attention MatMul/Softmax in fp16 (seed rule)"),
+    ],
+}
+
+
+def load_rules(recipe: str) -> tuple[str, list[Rule]]:
+    """A preset name, or a JSON/YAML file ``{"base": preset?, "rules": [...]}``.
+
+    Raises:
+        BadInputError: unknown preset, unreadable or malformed file.
+    """
+    if recipe in PRESETS:
+        return recipe, list(PRESETS[recipe])
+    p = Path(recipe)
+    if not p.is_file():
+        raise BadInputError(f"unknown recipe {recipe!r}; use one of {', '.join(PRESETS)} or a JSON/YAML rules file")
+    try:
+        text = p.read_text(encoding="utf-8")
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise BadInputError(f"recipe file {p} cannot be parsed ({e}); write JSON or YAML") from None
+    if not isinstance(data, dict) or not isinstance(data.get("rules", []), list):
+        raise BadInputError(f"recipe file {p} must hold {{'base': preset, 'rules': [...]}}")
+    base = data.get("base", "int8")
+    if base not in PRESETS:
+        raise BadInputError(f"recipe file {p}: base {base!r} is not one of {', '.join(PRESETS)}")
+    return f"{base}+{p.name}", list(PRESETS[base]) + [Rule.from_dict(r) for r in data.get("rules", [])]
+
+
+def decide(model: onnx.ModelProto, rules: list[Rule], weight_granularity: Granularity = Granularity.PER_CHANNEL) -> dict[str, NodeDecision]:
+    """Apply rules to every node; last match wins; unmatched nodes are left out (FP32)."""
+    view = GraphView(model)
+    out: dict[str, NodeDecision] = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        chosen = None
+        for r in rules:
+            if r.matches(node, view):
+                chosen = r
+        if chosen is None:
+            continue
+        weight = None
+        if chosen.precision == Precision.INT8 and node.op_type in WEIGHTED_OPS and view.weight_of(node) is not None:
+            weight = WeightScheme(granularity=weight_granularity)
+        out[node.name] = NodeDecision(node.op_type, chosen.precision, weight, chosen.label)
+    return out
