@@ -1,34 +1,76 @@
-"""Streaming activation statistics and the observers that reduce them to ranges.
+"""Streaming, mergeable activation statistics and the observers that reduce them to ranges.
 
-Statistics are per tensor and mergeable: running min/max, the seed's exponential moving average of
-per-batch min/max, and a sample count. Memory is O(number of tensors), independent of the number of
-calibration samples. Observers turn statistics into a ``(min, max)`` range:
+Per tensor we keep running min/max, the seed's EMA of per-batch min/max, a sample count and a
+fixed-size :class:`calibration.histogram.Histogram`. Memory is O(tensors x bins), independent of the
+number of calibration samples; two shards merge into exactly what one pass over both gives.
 
-- ``minmax``: the running min/max over all samples (ONNX Runtime MinMax, TensorRT "max").
-- ``ema``: exponential moving average of per-batch min/max with ``momentum`` (the seed's method;
-  also TF QAT ``MovingAverageQuantizer``, PyTorch ``MovingAverageMinMaxObserver``):
-  ``ema = momentum * ema + (1 - momentum) * batch_value``, initialised with the first batch.
+Observers (``reduce_range(stats, name, params)``) turn statistics into a ``(min, max)`` range that
+always includes 0. The asymmetric variant (default) bounds each side separately; the symmetric
+variant (``ObserverParams(symmetric=True)``) searches one threshold ``t`` on ``|x|`` and returns
+``(-t, t)`` (``(0, t)`` for a tensor that is never negative). Backends derive scales from the range
+(TensorRT takes ``max(|min|, |max|)``):
+
+- ``minmax``: running min/max (ONNX Runtime ``MinMaxCalibrater``, TensorRT "max").
+- ``ema``: EMA of per-batch min/max, ``ema = m * ema + (1 - m) * batch`` initialised with the first
+  batch (the seed's method; TF ``MovingAverageQuantizer``, PyTorch ``MovingAverageMinMaxObserver``).
+- ``percentile``: the ``p``-th percentile (default 99.99) of the histogram (ONNX Runtime
+  ``PercentileCalibrater``; NVIDIA pytorch-quantization ``percentile``).
+- ``entropy``: the threshold minimising KL(P || Q) between the clipped reference distribution and its
+  128-level quantization, searched from 128 to 2048 bins, coarse-to-fine (Migacz, "8-bit Inference with TensorRT",
+  GTC 2017; ONNX Runtime ``EntropyCalibrater``, which with its default 128 bins degenerates).
+- ``mse``: the clipping threshold minimising the expected squared quantization error (rounding plus
+  clipping) of the histogram (Banner et al., "ACIQ", 2019; NVIDIA pytorch-quantization ``mse``).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from calibration.histogram import DEFAULT_BINS, Histogram
 from deployer.errors import BadInputError
 
-OBSERVERS = ("minmax", "ema")
+OBSERVERS = ("minmax", "ema", "percentile", "entropy", "mse")
+HISTOGRAM_OBSERVERS = ("percentile", "entropy", "mse")
 DEFAULT_EMA_MOMENTUM = 0.9
 DEFAULT_EMA_BATCH = 8
+STATS_FORMAT = 2
 
 
-@dataclass
+@dataclass(frozen=True)
+class ObserverParams:
+    """Parameters of the histogram observers.
+
+    Attributes:
+        percentile: for ``percentile``, in (0, 100].
+        symmetric: search one threshold on ``|x|`` instead of each side.
+        quant_bins: levels of the entropy observer's quantized distribution (128 = int8 symmetric).
+        search_bins: the entropy/MSE search runs on at most this many bins of ``|x|``.
+        num_bits: integer width for the MSE observer.
+    """
+
+    percentile: float = 99.99
+    symmetric: bool = False
+    quant_bins: int = 128
+    search_bins: int = 2048
+    num_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.percentile <= 100.0:
+            raise BadInputError(f"percentile {self.percentile} is outside (0, 100]; use e.g. 99.99")
+
+
+@dataclass(eq=False)
 class TensorStats:
-    """Running statistics of one tensor over the calibration set (all values float64)."""
+    """Running statistics of one tensor over the calibration set (floats are float64).
+
+    ``ema_first_*`` keep the first batch's min/max so that EMA shards merge exactly.
+    """
 
     min: float = float("inf")
     max: float = float("-inf")
@@ -36,29 +78,97 @@ class TensorStats:
     ema_max: float | None = None
     batches: int = 0
     samples: int = 0
+    ema_first_min: float | None = None
+    ema_first_max: float | None = None
+    hist: Histogram | None = None
 
-    def update(self, batch: np.ndarray, momentum: float) -> None:
-        """Fold one batch (any shape, several samples stacked or one) into the statistics."""
-        if batch.size == 0:
-            return
-        bmin = float(np.min(batch))
-        bmax = float(np.max(batch))
-        self.min = min(self.min, bmin)
-        self.max = max(self.max, bmax)
+    def observe(self, values: np.ndarray, bins: int = DEFAULT_BINS,
+                hist_values: np.ndarray | None = None) -> tuple[float, float]:
+        """Fold values into min/max and the histogram (not the EMA); returns their (min, max).
+
+        Args:
+            values: the tensor (any shape).
+            bins: histogram bins when the histogram is created.
+            hist_values: a subset of ``values`` to bin instead of all of them (see
+                :func:`calibration.collect.collect_statistics`), or None.
+        """
+        lo, hi = float(np.min(values)), float(np.max(values))
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        if self.hist is None:
+            self.hist = Histogram(bins)
+        if hist_values is None:
+            self.hist.add(values, lo, hi)
+        else:
+            self.hist.add(hist_values)
+        return lo, hi
+
+    def ema_step(self, bmin: float, bmax: float, momentum: float) -> None:
+        """One EMA step with a batch's min/max."""
         if self.ema_min is None or self.ema_max is None:
             self.ema_min, self.ema_max = bmin, bmax
+            self.ema_first_min, self.ema_first_max = bmin, bmax
         else:
             self.ema_min = momentum * self.ema_min + (1 - momentum) * bmin
             self.ema_max = momentum * self.ema_max + (1 - momentum) * bmax
         self.batches += 1
 
+    def update(self, batch: np.ndarray, momentum: float, bins: int = DEFAULT_BINS) -> None:
+        """Fold one batch (any shape, several samples stacked or one) into the statistics."""
+        if batch.size == 0:
+            return
+        lo, hi = self.observe(batch, bins)
+        self.ema_step(lo, hi, momentum)
+
+    def merged(self, other: "TensorStats", momentum: float) -> "TensorStats":
+        """``self`` followed by ``other``, exactly as one pass would give."""
+        s = TensorStats(min=min(self.min, other.min), max=max(self.max, other.max),
+                        batches=self.batches + other.batches, samples=self.samples + other.samples)
+        a, b = self, other
+        if a.ema_min is None or a.ema_max is None:
+            s.ema_min, s.ema_max, s.ema_first_min, s.ema_first_max = b.ema_min, b.ema_max, b.ema_first_min, b.ema_first_max
+        elif b.ema_min is None or b.ema_max is None:
+            s.ema_min, s.ema_max, s.ema_first_min, s.ema_first_max = a.ema_min, a.ema_max, a.ema_first_min, a.ema_first_max
+        else:
+            # one pass continues a's EMA over b's k batches: m^k * A + (1-m) * sum m^(k-i) b_i,
+            # and b's own EMA is B = m^(k-1) b_1 + (1-m) * sum_{i>=2} m^(k-i) b_i, so
+            # one pass = m^k * A + B - m^k * b_1.
+            w = momentum ** b.batches
+            b1_min = b.ema_first_min if b.ema_first_min is not None else b.ema_min
+            b1_max = b.ema_first_max if b.ema_first_max is not None else b.ema_max
+            s.ema_min = w * a.ema_min + b.ema_min - w * b1_min
+            s.ema_max = w * a.ema_max + b.ema_max - w * b1_max
+            s.ema_first_min, s.ema_first_max = a.ema_first_min, a.ema_first_max
+        if a.hist is not None and b.hist is not None:
+            s.hist = a.hist.merged(b.hist)
+        elif a.hist is not None or b.hist is not None:
+            s.hist = (a.hist or b.hist).copy()  # type: ignore[union-attr]
+        return s
+
     def to_dict(self) -> dict[str, Any]:
-        return {"min": self.min, "max": self.max, "ema_min": self.ema_min, "ema_max": self.ema_max,
-                "batches": self.batches, "samples": self.samples}
+        d: dict[str, Any] = {"min": self.min, "max": self.max, "ema_min": self.ema_min, "ema_max": self.ema_max,
+                             "batches": self.batches, "samples": self.samples,
+                             "ema_first_min": self.ema_first_min, "ema_first_max": self.ema_first_max}
+        if self.hist is not None:
+            d["hist"] = self.hist.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TensorStats":
-        return cls(**d)
+        d = dict(d)
+        hist = d.pop("hist", None)
+        return cls(**d, hist=Histogram.from_dict(hist) if hist is not None else None)
+
+    def copy(self) -> "TensorStats":
+        return TensorStats.from_dict(self.to_dict())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TensorStats):
+            return NotImplemented
+        a, b = self.to_dict(), other.to_dict()
+        a.pop("hist", None)
+        b.pop("hist", None)
+        return a == b and self.hist == other.hist
 
 
 @dataclass
@@ -69,55 +179,197 @@ class Statistics:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def merge(self, other: "Statistics") -> "Statistics":
-        """Combine two shards. Min/max merge exactly; EMA merges as if ``other`` followed ``self``."""
+        """Combine two shards, ``other`` after ``self``: equal to one pass over both.
+
+        For the EMA this holds when the shards were cut at a batch boundary.
+        """
         out = Statistics(settings=dict(self.settings))
         m = float(self.settings.get("ema_momentum", DEFAULT_EMA_MOMENTUM))
         for name in sorted(set(self.tensors) | set(other.tensors)):
             a, b = self.tensors.get(name), other.tensors.get(name)
             if a is None or b is None:
-                out.tensors[name] = TensorStats(**(a or b).to_dict())  # type: ignore[union-attr]
-                continue
-            s = TensorStats(min=min(a.min, b.min), max=max(a.max, b.max), batches=a.batches + b.batches,
-                            samples=a.samples + b.samples)
-            if a.ema_min is None:
-                s.ema_min, s.ema_max = b.ema_min, b.ema_max
-            elif b.ema_min is None or b.ema_max is None or a.ema_max is None:
-                s.ema_min, s.ema_max = a.ema_min, a.ema_max
+                out.tensors[name] = (a or b).copy()  # type: ignore[union-attr]
             else:
-                # b's EMA started from its own first batch; continuing a's EMA over b's batches
-                # weights a by m**b.batches.
-                w = m ** b.batches
-                s.ema_min = w * a.ema_min + (1 - w) * b.ema_min
-                s.ema_max = w * a.ema_max + (1 - w) * b.ema_max
-            out.tensors[name] = s
+                out.tensors[name] = a.merged(b, m)
         return out
 
+    def degenerate(self) -> list[str]:
+        """Tensors whose range is zero (min == max): their scale is clamped to a tiny epsilon."""
+        return sorted(n for n, t in self.tensors.items() if t.batches and t.min == t.max)
+
     def save(self, path: str | Path) -> None:
-        """Write as JSON (compact, no pickle)."""
-        data = {"settings": self.settings, "tensors": {k: v.to_dict() for k, v in sorted(self.tensors.items())}}
-        Path(path).write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+        """Write compact JSON (histogram counts zlib + base64; never pickle)."""
+        data = {"format": STATS_FORMAT, "settings": self.settings,
+                "tensors": {k: v.to_dict() for k, v in sorted(self.tensors.items())}}
+        Path(path).write_text(json.dumps(data, sort_keys=True, separators=(",", ":")), encoding="utf-8")
 
     @classmethod
     def load(cls, path: str | Path) -> "Statistics":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls({k: TensorStats.from_dict(v) for k, v in data["tensors"].items()}, data.get("settings", {}))
+        """Read what :meth:`save` wrote (also the format-1 files without histograms)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls({k: TensorStats.from_dict(v) for k, v in data["tensors"].items()}, data.get("settings", {}))
+        except (ValueError, KeyError, TypeError) as e:
+            raise BadInputError(f"statistics file {path} is not valid ({e}); delete it and recalibrate") from None
 
 
-def reduce_range(stats: TensorStats, observer: str) -> tuple[float, float]:
+# -- reductions ----------------------------------------------------------------------------------------
+
+
+def reduce_range(stats: TensorStats, observer: str, params: ObserverParams | None = None) -> tuple[float, float]:
     """Reduce statistics to a ``(min, max)`` range with the named observer.
 
-    Ranges always include 0 (required by every integer scheme so that zero padding is exact).
+    Ranges always include 0 (required by every integer scheme so that zero padding is exact) and never
+    exceed the observed min/max.
 
     Raises:
         BadInputError: an unknown observer name.
     """
-    if observer == "minmax":
-        lo, hi = stats.min, stats.max
-    elif observer == "ema":
-        if stats.ema_min is None or stats.ema_max is None:
-            lo, hi = stats.min, stats.max
-        else:
-            lo, hi = stats.ema_min, stats.ema_max
-    else:
+    p = params or ObserverParams()
+    if observer not in OBSERVERS:
         raise BadInputError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
+    if not stats.batches and not math.isfinite(stats.min):
+        return 0.0, 0.0
+    lo, hi = stats.min, stats.max
+    if observer == "ema" and stats.ema_min is not None and stats.ema_max is not None:
+        lo, hi = stats.ema_min, stats.ema_max
+    elif observer in HISTOGRAM_OBSERVERS and stats.hist is not None and stats.hist.total:
+        h = stats.hist
+        if observer == "percentile":
+            lo, hi = _percentile_range(h, p)
+        elif observer == "entropy":
+            lo, hi = _side_search(h, p, stats, _entropy_threshold)
+        else:
+            lo, hi = _side_search(h, p, stats, _mse_threshold)
+        lo, hi = max(lo, stats.min), min(hi, stats.max)
+    if p.symmetric and observer not in HISTOGRAM_OBSERVERS:
+        t = max(abs(lo), abs(hi))
+        lo, hi = (-t if lo < 0 else 0.0), (t if hi > 0 else 0.0)
     return min(lo, 0.0), max(hi, 0.0)
+
+
+def _percentile_range(h: Histogram, p: ObserverParams) -> tuple[float, float]:
+    q = p.percentile / 100.0
+    w = h.width
+    if p.symmetric:
+        cdf = np.cumsum(h.abs_counts())
+        k = int(np.searchsorted(cdf, q * cdf[-1], side="left"))
+        t = (k + 1) * w
+        return -t, t
+    cdf = np.cumsum(h.counts)
+    n = cdf[-1]
+    j_hi = int(np.searchsorted(cdf, q * n, side="left"))
+    j_lo = int(np.searchsorted(cdf, (1.0 - q) * n, side="right"))
+    return -h.half_range + j_lo * w, -h.half_range + (j_hi + 1) * w
+
+
+def _side_search(h: Histogram, p: ObserverParams, stats: TensorStats, search: Any) -> tuple[float, float]:
+    """Apply a threshold search to ``|x|`` (symmetric) or to each side of zero (asymmetric)."""
+    half = h.bins // 2
+    levels = 2 ** (p.num_bits - 1)  # 128 per side for int8
+    if p.symmetric:
+        t = search(h.abs_counts(), h.width, levels, p)
+        return -t, t
+    pos = h.counts[half:]
+    neg = h.counts[:half][::-1]
+    if not neg.any():
+        return 0.0, search(pos, h.width, 2 * levels, p)
+    if not pos.any():
+        return -search(neg, h.width, 2 * levels, p), 0.0
+    return -search(neg, h.width, levels, p), search(pos, h.width, levels, p)
+
+
+def _collapse(counts: np.ndarray, width: float, max_bins: int) -> tuple[np.ndarray, float]:
+    """Trim trailing empty bins and merge groups of adjacent bins to at most ``max_bins``."""
+    nz = np.flatnonzero(counts)
+    n = int(nz[-1]) + 1 if nz.size else 0
+    c = counts[:n].astype(np.float64)
+    f = max(1, math.ceil(n / max_bins))
+    if f > 1:
+        c = np.pad(c, (0, (-n) % f)).reshape(-1, f).sum(axis=1)
+    return c, width * f
+
+
+def smooth(d: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """Normalise ``d`` and move mass ``eps`` into each empty bin from the non-empty ones (ONNX Runtime
+    ``smooth_distribution``)."""
+    d = d / d.sum()
+    zero = d == 0
+    nz = int(np.count_nonzero(~zero))
+    if nz == 0 or nz == d.size:
+        return d
+    out = d.copy()
+    out[zero] = eps
+    out[~zero] -= eps * (d.size - nz) / nz
+    return out
+
+
+def kl_divergence(hist: np.ndarray, i: int, quant_bins: int) -> float:
+    """KL(P_i || Q_i) of one candidate ``i`` (TensorRT's entropy calibration, as ONNX Runtime does it).
+
+    ``P_i`` is ``hist[:i]`` with all counts beyond ``i`` added to its last bin; ``Q_i`` quantizes
+    ``hist[:i]`` (without those outliers) into ``quant_bins`` groups and spreads each group's mass
+    evenly over the bins where ``P_i`` is non-empty. Both are smoothed with :func:`smooth`.
+    """
+    hist = np.asarray(hist, np.float64)
+    ref = hist[:i]
+    pdist = ref.copy()
+    pdist[-1] += hist[i:].sum()
+    group = (np.arange(i) * quant_bins) // i
+    nonzero = pdist > 0
+    qsum = np.bincount(group, weights=ref, minlength=quant_bins)
+    qcnt = np.bincount(group, weights=nonzero, minlength=quant_bins)
+    qdist = np.where(nonzero, qsum[group] / np.maximum(qcnt[group], 1), 0.0)
+    if qdist.sum() <= 0:
+        return math.inf
+    ps, qs = smooth(pdist), np.maximum(smooth(qdist), 1e-12)  # smoothing can push a tiny bin below 0
+    m = ps > 0
+    return float(np.sum(ps[m] * np.log(ps[m] / qs[m])))
+
+
+def kl_search(hist: np.ndarray, quant_bins: int, stride: int = 16) -> int:
+    """The ``i`` in ``quant_bins .. len(hist)`` with the least KL divergence.
+
+    Coarse-to-fine: every ``stride``-th candidate first, then every candidate within ``stride`` of the
+    best (``stride=1`` is TensorRT's exhaustive search).
+    """
+    n = len(hist)
+    coarse = list(range(quant_bins, n + 1, stride))
+    if coarse[-1] != n:
+        coarse.append(n)
+    best = min(coarse, key=lambda i: (kl_divergence(hist, i, quant_bins), i))
+    fine = range(max(quant_bins, best - stride + 1), min(n, best + stride - 1) + 1)
+    return min(fine, key=lambda i: (kl_divergence(hist, i, quant_bins), i))
+
+
+def _entropy_threshold(counts: np.ndarray, width: float, levels: int, p: ObserverParams) -> float:
+    """Entropy threshold of a one-sided histogram (bins of ``width`` from 0)."""
+    c, w = _collapse(counts, width, p.search_bins)
+    n = len(c)
+    quant_bins = min(p.quant_bins * levels // 128, p.search_bins)
+    if n <= quant_bins:
+        return n * w
+    return kl_search(c, quant_bins) * w
+
+
+def _mse_threshold(counts: np.ndarray, width: float, levels: int, p: ObserverParams) -> float:
+    """Threshold ``t`` minimising the squared error of quantizing ``|x|`` to ``levels - 1`` steps on [0, t].
+
+    The mass of each bin sits at its centre; candidates are 256 bin edges spread over the range.
+    """
+    c, w = _collapse(counts, width, p.search_bins)
+    n = len(c)
+    if n == 0:
+        return 0.0
+    centers = (np.arange(n) + 0.5) * w
+    cand = np.unique(np.linspace(1, n, min(n, 256)).round().astype(np.int64)) * w
+    steps = levels - 1
+    best, best_err = float(cand[-1]), math.inf
+    for chunk in np.array_split(cand, max(1, len(cand) // 32)):
+        s = chunk[:, None] / steps
+        q = np.minimum(np.rint(centers[None, :] / s), steps) * s
+        err = ((centers[None, :] - q) ** 2 * c[None, :]).sum(axis=1)
+        k = int(np.argmin(err))
+        if err[k] < best_err:
+            best, best_err = float(chunk[k]), float(err[k])
+    return best

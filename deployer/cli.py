@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from calibration.observers import OBSERVERS
 from deployer.errors import DeployerError
 
 SUBCOMMANDS = ("plan", "targets", "examples")
@@ -23,7 +24,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", metavar="DIR", help="folder of .npy/.npz calibration samples keyed by input name")
     p.add_argument("--calib-samples", type=int, help="number of calibration samples (examples: any N)")
     p.add_argument("--heldout-samples", type=int, default=300, help="held-out samples of a built-in example")
-    p.add_argument("--observer", default="minmax", help="activation observer: minmax | ema (default minmax)")
+    p.add_argument("--observer", default="minmax",
+                   help=f"activation observer: {' | '.join(OBSERVERS)} (default minmax)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the user statistics cache")
     p.add_argument("--ema-momentum", type=float, default=0.9, help="EMA momentum for --observer ema")
     p.add_argument("--recipe", default="int8", help="int8 | mixed | fp16 | rules file (JSON/YAML)")
     p.add_argument("--seed", type=int, default=0, help="seed of the example's crop split")
@@ -112,7 +115,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     a = _plan_parser().parse_args(argv)
     opts = DeployOptions(observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
-                         overwrite=a.overwrite)
+                         overwrite=a.overwrite, no_cache=a.no_cache)
     plan = plan_only(a.model, a.calib, a.out, opts, _progress(not (a.quiet or a.json) and sys.stderr.isatty()))
     if a.json:
         print(json.dumps({"plan": a.out, "nodes": len(plan.nodes), "ranges": len(plan.ranges)}))
@@ -130,7 +133,7 @@ def cmd_deploy(argv: Sequence[str]) -> int:
         backend_options["soc_version"] = a.soc_version
     opts = DeployOptions(targets=a.target, observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
-                         overwrite=a.overwrite, backend_options=backend_options)
+                         overwrite=a.overwrite, no_cache=a.no_cache, backend_options=backend_options)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
     result = run_deploy(a.model, a.calib, a.out, opts, a.plan,
                         progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log)

@@ -25,8 +25,9 @@ import numpy as np
 import onnx
 
 from backends.base import Backend, LoweringContext, discover, onnx_runner, resolve_targets
-from calibration.collect import collect_statistics
-from calibration.dataset import CalibrationSet, from_iterable, load_folder, sha256_file
+from calibration.adapters import load_calibration
+from calibration.cache import cached_statistics
+from calibration.dataset import CalibrationSet, from_iterable, sha256_file
 from calibration.observers import DEFAULT_EMA_MOMENTUM, OBSERVERS, Statistics, reduce_range
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError
@@ -46,13 +47,16 @@ class DeployOptions:
 
     Attributes:
         targets: backend names (``["tflite", "tensorrt", "ascend"]``) or ``"all"``.
-        observer: ``minmax`` or ``ema`` (the seed's EMA of per-batch min/max).
+        observer: ``minmax``, ``ema`` (the seed's EMA of per-batch min/max), ``percentile``,
+            ``entropy`` or ``mse`` (see :mod:`calibration.observers`).
         recipe: preset name (``int8``, ``mixed``, ``fp16``) or a rules file.
         calib_samples: number of calibration samples (built-in examples draw that many crops).
         heldout_samples: number of held-out samples (built-in examples).
         seed: fixed seed of the example split.
+        bias_correction: add empirical bias correction (Nagel et al. 2019) to the plan.
         ema_momentum: EMA momentum.
         overwrite: replace an existing output directory.
+        no_cache: neither read nor write the user statistics cache (``--no-cache``).
         backend_options: per-backend options (``soc_version``, ``tflite_io``, ``tflite_layout`` ...).
     """
 
@@ -64,7 +68,9 @@ class DeployOptions:
     seed: int = 0
     ema_momentum: float = DEFAULT_EMA_MOMENTUM
     overwrite: bool = False
+    no_cache: bool = False
     backend_options: dict[str, Any] = field(default_factory=dict)
+    bias_correction: bool = True
 
 
 @dataclass
@@ -191,7 +197,7 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
 def _user_calibration(calib: Any, ref: onnx.ModelProto) -> CalibrationSet:
     specs = input_specs(ref)
     if isinstance(calib, (str, Path)):
-        return load_folder(calib, specs)
+        return load_calibration(calib, specs)
     if isinstance(calib, CalibrationSet):
         calib.validate(specs)
         return calib
@@ -205,9 +211,11 @@ def _looks_like_classifier(model: onnx.ModelProto) -> bool:
 
 
 def compute_statistics(inputs: Inputs, options: DeployOptions, progress: Progress = _noop) -> Statistics:
-    """Run the FP32 reference over the calibration set once (streaming observers)."""
-    return collect_statistics(inputs.reference, inputs.calibration, ema_momentum=options.ema_momentum,
-                              progress=lambda d, t: progress("calibration", d, t))
+    """Run the FP32 reference over the calibration set once (streaming observers), or reuse the cache."""
+    stats, _ = cached_statistics(inputs.reference, inputs.calibration, model_sha256(inputs.reference),
+                                 use_cache=not options.no_cache, ema_momentum=options.ema_momentum,
+                                 progress=lambda d, t: progress("calibration", d, t))
+    return stats
 
 
 def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> QuantPlan:
@@ -231,7 +239,7 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
             if len(group) > 1:
                 shared.append(group)
     specs = input_specs(inputs.reference)
-    return QuantPlan(
+    plan = QuantPlan(
         model={"sha256": model_sha256(inputs.reference), "source": inputs.source,
                "inputs": [s.to_dict() for s in specs],
                "outputs": [o.name for o in inputs.reference.graph.output],
@@ -242,6 +250,12 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         recipe={"name": recipe_name, "rules": [r.to_dict() for r in rules]},
         nodes=nodes, ranges=ranges, shared_scales=shared, provenance=provenance(),
     )
+    if options.bias_correction:
+        from deployer.recovery import compute_bias_correction
+
+        plan = plan.with_bias_correction(compute_bias_correction(inputs.reference, plan, inputs.calibration))
+        plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["bias_correction"]})
+    return plan
 
 
 def provenance() -> dict[str, Any]:
@@ -334,13 +348,17 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     ref_out = ref_run(inputs.heldout)
     out_names = [o.name for o in inputs.reference.graph.output]
     results: dict[str, TargetResult] = {}
+    from deployer.recovery import apply_bias_correction
+
+    prepared = apply_bias_correction(inputs.reference, the_plan.bias_correction)
     with atomic_output(out_dir, opts.overwrite) as tmp:
         the_plan.save(tmp / "plan.json")
         if stats is not None:
             stats.save(tmp / "statistics.json")
         for t in targets:
             log(f"lowering to {t} ...")
-            ctx = LoweringContext(inputs.reference, the_plan, tmp, inputs.calibration, dict(opts.backend_options))
+            ctx = LoweringContext(prepared, the_plan, tmp, inputs.calibration, dict(opts.backend_options),
+                                  fp32_reference=inputs.reference)
             results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")

@@ -14,6 +14,7 @@ Shapes/units: ranges are float64 values in the tensor's own units (min <= max, b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, fields
@@ -179,6 +180,8 @@ class QuantPlan:
         shared_scales: groups of tensor names that must share one scale (Concat inputs/output).
         provenance: tool and library versions (no timestamps, so plans are byte-reproducible).
         schema_version: see :data:`SCHEMA_VERSION`.
+        bias_correction: node -> per-output-channel bias deltas added before lowering
+            (:mod:`deployer.recovery`, Nagel et al. 2019).
     """
 
     model: dict[str, Any]
@@ -189,6 +192,7 @@ class QuantPlan:
     shared_scales: list[list[str]] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
+    bias_correction: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
@@ -196,6 +200,13 @@ class QuantPlan:
                 f"plan: schema_version {self.schema_version!r} is unknown; this deployer reads "
                 f"{list(SUPPORTED_SCHEMA_VERSIONS)} (regenerate the plan with `deploy plan`)"
             )
+        if not isinstance(self.bias_correction, dict):
+            raise PlanError("plan: 'bias_correction' must map node names to lists of numbers")
+        for node, deltas in self.bias_correction.items():
+            if not isinstance(deltas, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in deltas
+            ):
+                raise PlanError(f"plan: bias_correction of node {node!r} must be a list of finite numbers")
 
     # -- queries ---------------------------------------------------------------------------------
     def precision_of(self, node_name: str) -> Precision:
@@ -207,12 +218,13 @@ class QuantPlan:
         return self.ranges.get(tensor)
 
     def with_ranges(self, ranges: dict[str, TensorRange]) -> "QuantPlan":
-        return QuantPlan(self.model, self.calibration, self.recipe, self.nodes, ranges, self.shared_scales,
-                         self.provenance, self.schema_version)
+        return dataclasses.replace(self, ranges=ranges)
 
     def with_nodes(self, nodes: dict[str, NodeDecision], recipe: dict[str, Any] | None = None) -> "QuantPlan":
-        return QuantPlan(self.model, self.calibration, recipe or self.recipe, nodes, self.ranges,
-                         self.shared_scales, self.provenance, self.schema_version)
+        return dataclasses.replace(self, nodes=nodes, recipe=recipe or self.recipe)
+
+    def with_bias_correction(self, corrections: dict[str, list[float]]) -> "QuantPlan":
+        return dataclasses.replace(self, bias_correction=corrections)
 
     # -- (de)serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -225,6 +237,7 @@ class QuantPlan:
             "ranges": {k: self.ranges[k].to_dict() for k in sorted(self.ranges)},
             "shared_scales": [list(g) for g in self.shared_scales],
             "provenance": self.provenance,
+            "bias_correction": {k: self.bias_correction[k] for k in sorted(self.bias_correction)},
         }
 
     def to_json(self) -> str:
@@ -259,6 +272,7 @@ class QuantPlan:
             model=data["model"], calibration=data["calibration"], recipe=data["recipe"], nodes=nodes,
             ranges=ranges, shared_scales=[[str(t) for t in g] for g in shared],
             provenance=data.get("provenance", {}), schema_version=data["schema_version"],
+            bias_correction=data.get("bias_correction", {}),
         )
 
     @classmethod
@@ -306,6 +320,9 @@ def validate_against_model(plan: QuantPlan, node_types: dict[str, str], tensor_n
     for t in plan.ranges:
         if t not in tensor_names:
             raise PlanError(f"plan: tensor {t!r} is not in the model; remove its range or regenerate the plan")
+    for name in plan.bias_correction:
+        if name not in node_types:
+            raise PlanError(f"plan: bias_correction names node {name!r}, which is not in the model; remove it")
     for g in plan.shared_scales:
         for t in g:
             if t not in tensor_names:

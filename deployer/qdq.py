@@ -218,8 +218,18 @@ def lower_qdq(model: onnx.ModelProto, plan: QuantPlan, policy: QdqPolicy) -> tup
     if fp16_nodes and policy.fp16:
         _lower_fp16(out, {n.name for n in fp16_nodes}, types)
         rec.fp16_nodes = sorted(n.name for n in fp16_nodes)
+    _drop_unused_initializers(out)
     _set_opset(out, policy.opset)
     return out, rec
+
+
+def _drop_unused_initializers(model: onnx.ModelProto) -> None:
+    """Remove initializers no node reads (the FP32 weights replaced by their int8 form)."""
+    used = {i for n in model.graph.node for i in n.input}
+    used |= {o.name for o in model.graph.output}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
 
 
 def _skip_branch(node: onnx.NodeProto, view: GraphView) -> int | None:

@@ -89,7 +89,7 @@ class AscendBackend:
         path = d / "model_qdq.onnx"
         onnx.save(model, str(path))
         fp32_path = d / "model_fp32.onnx"
-        onnx.save(ctx.reference, str(fp32_path))
+        onnx.save(ctx.fp32, str(fp32_path))
         keep = sorted(n for n, dec in ctx.plan.nodes.items() if dec.precision != Precision.INT8)
         keep_file = None
         if keep:
@@ -110,8 +110,8 @@ class AscendBackend:
         else:
             notes.append("atc: not run (atc not on PATH); compile with atc.sh: " + shlex.join(argv))
         return Artifact(
-            path=path, fp32_path=fp32_path, run=onnx_runner(model), fp32_run=None,
-            verified_by=f"ONNX Runtime {_ort_version()} (CPU) running the QDQ graph",
+            path=path, fp32_path=fp32_path, run=onnx_runner(model, optimize=False), fp32_run=None,
+            verified_by=f"ONNX Runtime {_ort_version()} (CPU, graph optimizations off: exact Q/DQ arithmetic) running the QDQ graph",
             notes=notes, files=[script],
             extra={"atc_command": argv, "soc_version": soc, "om": om, "keep_dtype": keep,
                    "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),

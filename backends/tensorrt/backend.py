@@ -88,7 +88,7 @@ class TensorRTBackend:
         path = d / "model_strongly_typed.onnx"
         onnx.save(model, str(path))
         fp32_path = d / "model_fp32.onnx"
-        onnx.save(ctx.reference, str(fp32_path))
+        onnx.save(ctx.fp32, str(fp32_path))
         argv = trtexec_argv(path.name, "model.engine")
         script = d / "build_engine.sh"
         script.write_text("#!/bin/sh\n# Build the strongly typed TensorRT engine (TensorRT 10.x / 11.x)\nset -e\n"
@@ -99,8 +99,8 @@ class TensorRTBackend:
         if engine is None:
             notes.append("engine: not built (TensorRT not installed); build it with build_engine.sh: " + shlex.join(argv))
         return Artifact(
-            path=path, fp32_path=fp32_path, run=onnx_runner(model), fp32_run=None,
-            verified_by=f"ONNX Runtime {_ort_version()} (CPU) running the strongly typed graph",
+            path=path, fp32_path=fp32_path, run=onnx_runner(model, optimize=False), fp32_run=None,
+            verified_by=f"ONNX Runtime {_ort_version()} (CPU, graph optimizations off: exact Q/DQ arithmetic) running the strongly typed graph",
             notes=notes, files=[script],
             extra={"engine": str(engine.name) if engine else None, "build_command": argv,
                    "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),

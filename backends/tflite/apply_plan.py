@@ -103,7 +103,7 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
     # 1. activations with a plan range
     int8 = schema.TensorType.INT8
     for ti, t in enumerate(sg.tensors):
-        if t.type != int8 or t.quantization is None or len(t.quantization.scale or []) != 1:
+        if t.type != int8 or t.quantization is None or t.quantization.scale is None or len(t.quantization.scale) != 1:
             continue
         if t.buffer and model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data):
             continue  # a constant

@@ -70,7 +70,11 @@ class TFLiteBackend:
                 yield [to_layout(n, s[n]) for n in in_names]
 
         with _quiet():
-            c = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
+            if ctx.fp32_reference is not None and ctx.fp32_reference is not ctx.reference:
+                fp32_fn = OnnxToTf(ctx.fp32_reference, layout).function()
+                c = tf.lite.TFLiteConverter.from_concrete_functions([fp32_fn.get_concrete_function()], fp32_fn)
+            else:
+                c = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
             fp32_bytes = c.convert()
             c = tf.lite.TFLiteConverter.from_concrete_functions([concrete], fn)
             c.optimizations = [tf.lite.Optimize.DEFAULT]

