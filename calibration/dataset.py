@@ -109,7 +109,20 @@ class CalibrationSet(Sequence[Sample]):
         return CalibrationSet(self._samples[:n], self.name), CalibrationSet(self._samples[n:], self.name)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _load_array_file(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError as e:
+        raise BadInputError(f"calibration file {path} cannot be read ({e.strerror}); check its permissions") from None
+    expected = ZIP_MAGIC if path.suffix == ".npz" else NPY_MAGIC
+    if not head.startswith(expected[: len(head)]) or len(head) < len(expected):
+        raise BadInputError(f"calibration file {path} is not a {path.suffix} file written by numpy; "
+                            f"save samples with np.save / np.savez")
     try:
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as z:

@@ -81,6 +81,27 @@ class TensorStats:
     ema_first_min: float | None = None
     ema_first_max: float | None = None
     hist: Histogram | None = None
+    channel_sum: list[float] | None = None
+    channel_count: int = 0
+
+    def observe_channels(self, values: np.ndarray) -> None:
+        """Accumulate the per-channel (axis 1) sum, for bias correction's ``E[x]`` (tensors of rank >= 2)."""
+        if values.ndim < 2:
+            return
+        red = tuple(a for a in range(values.ndim) if a != 1)
+        sums = values.astype(np.float64).sum(axis=red)
+        if self.channel_sum is None:
+            self.channel_sum = [0.0] * len(sums)
+        if len(self.channel_sum) != len(sums):
+            return  # channel count changed between samples (dynamic shapes): keep the first
+        self.channel_sum = [a + float(b) for a, b in zip(self.channel_sum, sums)]
+        self.channel_count += int(values.size // values.shape[1])
+
+    def channel_mean(self) -> np.ndarray | None:
+        """Per-channel mean over all samples (float64, shape (C,)), or None if not observed."""
+        if self.channel_sum is None or not self.channel_count:
+            return None
+        return np.asarray(self.channel_sum, dtype=np.float64) / self.channel_count
 
     def observe(self, values: np.ndarray, bins: int = DEFAULT_BINS,
                 hist_values: np.ndarray | None = None) -> tuple[float, float]:
@@ -139,6 +160,12 @@ class TensorStats:
             s.ema_min = w * a.ema_min + b.ema_min - w * b1_min
             s.ema_max = w * a.ema_max + b.ema_max - w * b1_max
             s.ema_first_min, s.ema_first_max = a.ema_first_min, a.ema_first_max
+        if a.channel_sum is not None and b.channel_sum is not None and len(a.channel_sum) == len(b.channel_sum):
+            s.channel_sum = [x + y for x, y in zip(a.channel_sum, b.channel_sum)]
+            s.channel_count = a.channel_count + b.channel_count
+        elif a.channel_sum is not None or b.channel_sum is not None:
+            src = a if a.channel_sum is not None else b
+            s.channel_sum, s.channel_count = list(src.channel_sum or []), src.channel_count
         if a.hist is not None and b.hist is not None:
             s.hist = a.hist.merged(b.hist)
         elif a.hist is not None or b.hist is not None:
@@ -151,6 +178,9 @@ class TensorStats:
                              "ema_first_min": self.ema_first_min, "ema_first_max": self.ema_first_max}
         if self.hist is not None:
             d["hist"] = self.hist.to_dict()
+        if self.channel_sum is not None:
+            d["channel_sum"] = self.channel_sum
+            d["channel_count"] = self.channel_count
         return d
 
     @classmethod

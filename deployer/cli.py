@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-momentum", type=float, default=0.9, help="EMA momentum for --observer ema")
     p.add_argument("--recipe", default="int8", help="int8 | mixed | fp16 | rules file (JSON/YAML)")
     p.add_argument("--seed", type=int, default=0, help="seed of the example's crop split")
+    p.add_argument("--no-bias-correction", action="store_true",
+                   help="do not add empirical bias correction (Nagel et al. 2019) to the plan")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -115,7 +117,8 @@ def cmd_plan(argv: Sequence[str]) -> int:
     a = _plan_parser().parse_args(argv)
     opts = DeployOptions(observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
-                         overwrite=a.overwrite, no_cache=a.no_cache)
+                         overwrite=a.overwrite, no_cache=a.no_cache,
+                         bias_correction=not a.no_bias_correction)
     plan = plan_only(a.model, a.calib, a.out, opts, _progress(not (a.quiet or a.json) and sys.stderr.isatty()))
     if a.json:
         print(json.dumps({"plan": a.out, "nodes": len(plan.nodes), "ranges": len(plan.ranges)}))
@@ -133,7 +136,8 @@ def cmd_deploy(argv: Sequence[str]) -> int:
         backend_options["soc_version"] = a.soc_version
     opts = DeployOptions(targets=a.target, observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
-                         overwrite=a.overwrite, no_cache=a.no_cache, backend_options=backend_options)
+                         overwrite=a.overwrite, no_cache=a.no_cache, backend_options=backend_options,
+                         bias_correction=not a.no_bias_correction)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
     result = run_deploy(a.model, a.calib, a.out, opts, a.plan,
                         progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log)

@@ -58,8 +58,8 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInputError(f"model {p} fails the ONNX checker: {first}; fix or re-export the model") from None
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise BadInputError(f"model {p} fails the ONNX checker: {msg[:300]}; fix or re-export the model") from None
     return model
 
 

@@ -141,12 +141,16 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         BadInputError: unknown example, unreadable model, calibration that does not match the model.
     """
     opts = options or DeployOptions()
+    if opts.calib_samples is not None and opts.calib_samples < 1:
+        raise BadInputError(f"--calib-samples {opts.calib_samples}: give a positive number of samples")
+    if opts.heldout_samples < 1:
+        raise BadInputError(f"--heldout-samples {opts.heldout_samples}: give a positive number of samples")
+    if not 0.0 <= opts.ema_momentum < 1.0:
+        raise BadInputError(f"--ema-momentum {opts.ema_momentum}: an EMA needs 0 <= momentum < 1")
     if model is None or (isinstance(model, str) and model in EXAMPLES):
         name = model or DEFAULT_EXAMPLE
         ex = get_example(name)
-        n_cal = opts.calib_samples or DEFAULT_CALIB_SAMPLES
-        if n_cal < 1:
-            raise BadInputError("--calib-samples must be at least 1")
+        n_cal = DEFAULT_CALIB_SAMPLES if opts.calib_samples is None else opts.calib_samples
         data = ex.build(n_cal, opts.heldout_samples, opts.seed)
         ref = canonicalize(data.model)
         cal = data.calibration
@@ -188,7 +192,7 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     else:
         held = cal
         split = f"user calibration set of {n} samples: too few to hold out, verification reuses them"
-    if opts.calib_samples:
+    if opts.calib_samples is not None:
         cal = CalibrationSet(list(cal)[: opts.calib_samples], cal.name)
     task = "classification" if _looks_like_classifier(ref) else "generic"
     return Inputs(ref, cal, held, task, source, split)
@@ -253,7 +257,8 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
     if options.bias_correction:
         from deployer.recovery import compute_bias_correction
 
-        plan = plan.with_bias_correction(compute_bias_correction(inputs.reference, plan, inputs.calibration))
+        means = {n: m for n, st in stats.tensors.items() if (m := st.channel_mean()) is not None}
+        plan = plan.with_bias_correction(compute_bias_correction(inputs.reference, plan, means))
         plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["bias_correction"]})
     return plan
 
@@ -289,6 +294,7 @@ def atomic_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     except OSError as e:
         raise BadInputError(f"cannot write to {parent} ({e.strerror}); choose a writable --out") from None
+    tmp.chmod(0o755)  # mkdtemp creates 0700; the output is meant to be shared
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum: int, frame: Any) -> None:

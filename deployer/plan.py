@@ -22,6 +22,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deployer.errors import PlanError
 
 SCHEMA_VERSION = "1.0"
@@ -151,8 +153,12 @@ class TensorRange:
 
     def __post_init__(self) -> None:
         for v in (self.min, self.max):
-            if not isinstance(v, (int, float)) or not math.isfinite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise PlanError(f"plan: range [{self.min}, {self.max}] must hold numbers")
+            if not math.isfinite(float(v)):
                 raise PlanError(f"plan: range [{self.min}, {self.max}] is not finite; give finite numbers")
+        object.__setattr__(self, "min", float(self.min))
+        object.__setattr__(self, "max", float(self.max))
         if self.min > self.max:
             raise PlanError(f"plan: range min {self.min} > max {self.max}; swap them")
 

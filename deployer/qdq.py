@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from deployer.errors import UnsupportedModelError
 from deployer.graph import WEIGHTED_OPS, GraphView, weight_channel_axis
 from deployer.plan import Granularity, Precision, QuantPlan
 from deployer.quant import asymmetric_params, per_channel_scales, quantize, symmetric_scale
@@ -101,6 +102,15 @@ def lower_qdq(model: onnx.ModelProto, plan: QuantPlan, policy: QdqPolicy) -> tup
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
+    current = max((i.version for i in out.opset_import if i.domain in ("", "ai.onnx")), default=policy.opset)
+    if current < policy.opset:
+        try:
+            out = onnx.version_converter.convert_version(out, policy.opset)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"model opset {current} cannot be converted to opset {policy.opset} ({type(e).__name__}); "
+                f"re-export the model at opset >= {policy.opset}"
+            ) from None
     view = GraphView(out)
     types = _float_types(out)
     rec = LoweringRecord()
@@ -274,11 +284,13 @@ def _lower_fp16(model: onnx.ModelProto, fp16_names: set[str], types: dict[str, i
     for o in graph_outputs & fp16_out:
         renamed[o] = f"{o}__fp16"
 
+    opset = max((i.version for i in model.opset_import if i.domain in ("", "ai.onnx")), default=17)
     for n in g.node:
         prefix: list[onnx.NodeProto] = []
         if n.name in fp16_names:
+            follows_t = _inputs_typed_like_outputs(n, opset)
             for i, t in enumerate(n.input):
-                if not t:
+                if not t or not follows_t[i]:
                     continue
                 if t in fp16_out:
                     n.input[i] = renamed.get(t, t)
@@ -321,6 +333,21 @@ def _lower_fp16(model: onnx.ModelProto, fp16_names: set[str], types: dict[str, i
     del g.node[:]
     g.node.extend(_toposort(new_nodes, {i.name for i in g.input} | {i.name for i in g.initializer}))
     del g.value_info[:]
+
+
+def _inputs_typed_like_outputs(node: onnx.NodeProto, opset: int) -> list[bool]:
+    """For each input: does its schema type parameter match an output's (e.g. ``T``)? Inputs with a
+    fixed type (Resize ``scales`` is always float32) must not be converted to fp16."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain or "")
+    except Exception:
+        return [True] * len(node.input)
+    out_types = {o.type_str for o in schema.outputs}
+    flags = []
+    for i in range(len(node.input)):
+        formal = schema.inputs[min(i, len(schema.inputs) - 1)] if schema.inputs else None
+        flags.append(formal is not None and formal.type_str in out_types)
+    return flags
 
 
 def _toposort(nodes: list[onnx.NodeProto], available: set[str]) -> list[onnx.NodeProto]:

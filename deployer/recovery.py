@@ -79,21 +79,31 @@ def input_channel_means(model: onnx.ModelProto, samples: Sequence[Sample], tenso
     return {t: sums[t] / counts[t] for t in sums}
 
 
-def compute_bias_correction(model: onnx.ModelProto, plan: QuantPlan, samples: Sequence[Sample],
-                            progress: Callable[[int, int], None] | None = None) -> dict[str, list[float]]:
+def _input_channels(node: onnx.NodeProto, w: np.ndarray) -> int:
+    if node.op_type == "Conv":
+        return int(w.shape[1]) * next((a.i for a in node.attribute if a.name == "group"), 1)
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    return int(w.shape[1] if trans_b else w.shape[0])
+
+
+def compute_bias_correction(model: onnx.ModelProto, plan: QuantPlan,
+                            means: dict[str, np.ndarray]) -> dict[str, list[float]]:
     """Bias deltas (node -> per-output-channel list) for every INT8 Conv/Gemm with a constant bias.
+
+    Args:
+        means: per-channel input means (tensor -> (C,)), from the calibration statistics
+            (:meth:`calibration.observers.TensorStats.channel_mean`) or :func:`input_channel_means`.
 
     The weight is quantized as the plan says (symmetric INT8, per-channel on the output-channel axis
     or per-tensor), exactly as every backend quantizes it.
     """
     view = GraphView(model)
     nodes = _targets(model, plan)
-    means = input_channel_means(model, samples, sorted({n.input[0] for n in nodes}), progress)
     out: dict[str, list[float]] = {}
     for node in nodes:
         mu = means.get(node.input[0])
         w = view.weight_of(node)
-        if mu is None or w is None:
+        if mu is None or w is None or mu.shape[0] != _input_channels(node, w):
             continue
         scheme = plan.nodes[node.name].weight
         assert scheme is not None
@@ -111,7 +121,7 @@ def compute_bias_correction(model: onnx.ModelProto, plan: QuantPlan, samples: Se
         else:
             group = next((a.i for a in node.attribute if a.name == "group"), 1)
             if group == 1:
-                delta = np.einsum("oi...,i->o", err, mu)
+                delta = err.reshape(err.shape[0], err.shape[1], -1).sum(axis=2) @ mu
             else:
                 cin_per_group = err.shape[1]
                 mu_g = mu.reshape(group, cin_per_group)

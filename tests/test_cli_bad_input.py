@@ -399,7 +399,6 @@ def test_plan_not_json(tmp_path: Path, model_path: Path, calib_dir: Path, capsys
 # -- known library bugs (strict xfail: they start failing once fixed; then drop the marker) ----------
 
 
-@pytest.mark.xfail(strict=True, reason="calibration/dataset.py reports any non-.npy bytes as 'pickled objects'")
 def test_calibration_not_numpy_message(tmp_path: Path, model_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     d = tmp_path / "calib_junk"
@@ -409,7 +408,6 @@ def test_calibration_not_numpy_message(tmp_path: Path, model_path: Path, capsys:
     assert "pickled" not in msg, msg
 
 
-@pytest.mark.xfail(strict=True, reason="--calib-samples is not validated: 0 is ignored, -1 drops the last sample")
 @pytest.mark.parametrize("n", ["0", "-1"])
 def test_calib_samples_not_positive(tmp_path: Path, model_path: Path, calib_dir: Path,
                                     capsys: pytest.CaptureFixture[str], n: str) -> None:
@@ -417,7 +415,6 @@ def test_calib_samples_not_positive(tmp_path: Path, model_path: Path, calib_dir:
     assert_bad_input(deploy_args(model_path, calib_dir, out, "--calib-samples", n), capsys, out, "--calib-samples")
 
 
-@pytest.mark.xfail(strict=True, reason="--ema-momentum is not validated (an EMA needs 0 <= momentum < 1)")
 def test_ema_momentum_out_of_range(tmp_path: Path, model_path: Path, calib_dir: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"

@@ -325,8 +325,6 @@ def test_plan_dict_is_deep_copied_by_from_dict():
     assert d == snapshot  # from_dict does not mutate its input
 
 
-@pytest.mark.xfail(strict=True, reason="LIBRARY BUG deployer/plan.py TensorRange.__post_init__: numpy float32 "
-                   "scalars (what arr.min() returns) are rejected as 'not finite'")
 def test_numpy_scalar_ranges_are_accepted():
     r = TensorRange(np.float32(-0.5), np.float32(1.5))
     assert r.to_dict() == {"min": -0.5, "max": 1.5}

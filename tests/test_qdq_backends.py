@@ -455,9 +455,6 @@ def test_trt_mixed_recipe_attention_in_fp16():
     assert_close_to_fp32("attention", m)
 
 
-@pytest.mark.xfail(strict=True, reason="LIBRARY BUG deployer/qdq.py _set_opset: raises the declared opset "
-                   "(11 -> 17) without converting the ops; Softmax-11 (2-D coercion) silently becomes "
-                   "Softmax-13 (single axis)")
 def test_opset_upgrade_keeps_semantics():
     nodes = [helper.make_node("Softmax", ["x"], ["y"], name="sm", axis=1)]
     model = _model("sm11", nodes, [("x", [2, 3, 4])], [("y", [2, 3, 4])], {}, opset=11)
@@ -470,9 +467,6 @@ def test_opset_upgrade_keeps_semantics():
     np.testing.assert_allclose(got, ref, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="LIBRARY BUG deployer/qdq.py _lower_fp16: converts every float "
-                   "initializer of an fp16 node to fp16, including inputs typed tensor(float) such as Resize "
-                   "'scales'; the graph fails the checker and ONNX Runtime")
 def test_trt_fp16_keeps_float32_only_inputs():
     nodes = [
         helper.make_node("Conv", ["x", "wr"], ["c"], name="conv", pads=[1, 1, 1, 1]),
@@ -680,9 +674,6 @@ def test_atc_argv_unknown_soc():
     assert "--input_shape=a:1,2;b:1,3" in argv and "--framework=5" in argv
 
 
-@pytest.mark.xfail(strict=True, reason="LIBRARY BUG backends/ascend/backend.py lower(): convert_version(17 -> 13) "
-                   "fails (no Relu 14->13 adapter) and the failure is swallowed: the graph stays opset 17 "
-                   "with no note")
 def test_ascend_opset13_from_opset17_model(tmp_path):
     model = conv_relu(opset=17)
     c = Case(model, samples(model, 8, 0), samples(model, 2, 1))
@@ -691,8 +682,6 @@ def test_ascend_opset13_from_opset17_model(tmp_path):
     assert [(i.domain, i.version) for i in m.opset_import] == [("", ASCEND_OPSET)]
 
 
-@pytest.mark.xfail(strict=True, reason="LIBRARY BUG backends/ascend/backend.py POLICY: quantizes Gemm with "
-                   "transA=1, which DESIGN.md section 3 says Ascend cannot convert (per-tensor Gemm needs transA=0)")
 def test_ascend_gemm_transa_not_quantized():
     model = gemm(trans_a=True)
     c = Case(model, samples(model, 8, 0), samples(model, 2, 1))
@@ -700,8 +689,6 @@ def test_ascend_gemm_transa_not_quantized():
     assert not from_dq(m, node(m, "gemm_tb").input[1])
 
 
-@pytest.mark.xfail(strict=True, reason="LIBRARY BUG backends/ascend/backend.py POLICY: quantizes MatMul with a "
-                   "3-D constant weight; Ascend needs a 2-D constant weight (DESIGN.md section 3)")
 def test_ascend_matmul_3d_weight_not_quantized():
     model = matmul_3d_weight()
     c = Case(model, samples(model, 8, 0), samples(model, 2, 1))

@@ -322,9 +322,6 @@ def _concat_model() -> onnx.ModelProto:
     return m
 
 
-@pytest.mark.xfail(strict=True, reason="LIBRARY BUG backends/tflite/apply_plan.py: each CONCATENATION input gets "
-                   "its own plan range (plan.shared_scales is ignored) and only the output is tied to input 0; "
-                   "LiteRT/XNNPACK then refuses the model ('failed to delegate CONCATENATION')")
 def test_concat_shares_one_scale(tmp_path):
     model = _concat_model()
     rng = np.random.default_rng(1)

@@ -20,6 +20,7 @@ import onnx
 
 from backends.base import Artifact, LoweringContext, onnx_runner
 from deployer.errors import ExternalToolError
+from deployer.graph import GraphView
 from deployer.plan import Precision
 from deployer.qdq import QdqPolicy, lower_qdq
 
@@ -33,9 +34,20 @@ def _per_channel(node: onnx.NodeProto, w: np.ndarray) -> int | None:
     return {"Conv": 0, "ConvTranspose": 1}.get(node.op_type)
 
 
+def _not_ascend_legal(node: onnx.NodeProto, view: GraphView) -> bool:
+    """Ascend quantizes Gemm only with transA=0 and MatMul only with a constant 2-D weight."""
+    if node.op_type == "Gemm":
+        return any(a.name == "transA" and a.i for a in node.attribute)
+    if node.op_type == "MatMul":
+        w = view.constants.get(node.input[1])
+        return w is None or w.ndim != 2
+    return False
+
+
 POLICY = QdqPolicy(
     weighted_ops=frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}),
     per_channel=_per_channel,
+    skip_node=_not_ascend_legal,
     activation_ops=frozenset({"AveragePool", "Add"}),
     activation_matmul=False,
     residual_skip_only=False,
@@ -65,6 +77,33 @@ def atc_argv(model_file: str, output_prefix: str, soc_version: str, input_shapes
     return argv
 
 
+def to_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, str]:
+    """Declare ``opset`` (ATC reads 11-18; 13 is the lowest with per-channel Q/DQ).
+
+    ONNX's version converter has no down-adapters for several ops (Relu 14 -> 13); every op we emit
+    has the same semantics at 13 and 17 for float/int8 tensors, so the import is rewritten and the
+    result must pass the full ONNX checker at the new opset. Returns (model, note; empty if done).
+    """
+    current = max(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
+    if current == opset:
+        return model, ""
+    try:
+        return onnx.version_converter.convert_version(model, opset), ""
+    except Exception:
+        pass
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for imp in out.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = opset
+    try:
+        onnx.checker.check_model(out, full_check=True)
+        return out, ""
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return model, f"kept opset {current} (within ATC's 11-18): not expressible at opset {opset}: {first}"
+
+
 class AscendBackend:
     """Ascend-legal ONNX QDQ graph plus the ATC command; ``.om`` where ``atc`` is installed."""
 
@@ -80,10 +119,7 @@ class AscendBackend:
 
     def lower(self, ctx: LoweringContext) -> Artifact:
         model, record = lower_qdq(ctx.reference, ctx.plan, POLICY)
-        try:
-            model = onnx.version_converter.convert_version(model, ASCEND_OPSET)
-        except Exception as e:  # keep the declared opset: still within ATC's 11-18
-            _ = e
+        model, opset_note = to_opset(model, ASCEND_OPSET)
         d = ctx.out_dir / "ascend"
         d.mkdir(parents=True, exist_ok=True)
         path = d / "model_qdq.onnx"
@@ -103,7 +139,7 @@ class AscendBackend:
         script.write_text("#!/bin/sh\n# Compile for Ascend with CANN's ATC\nset -e\n"
                           'cd "$(dirname "$0")"\n' + shlex.join(argv) + "\n", encoding="utf-8")
         script.chmod(0o755)
-        notes = []
+        notes = [opset_note] if opset_note else []
         om = None
         if shutil.which("atc"):
             om = self._run_atc(argv, d)

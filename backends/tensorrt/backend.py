@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from backends.base import Artifact, LoweringContext, onnx_runner
+from deployer.errors import ExternalToolError
 from deployer.graph import GraphView
 from deployer.qdq import QdqPolicy, lower_qdq
 
@@ -114,7 +115,13 @@ class TensorRTBackend:
             return None
         from backends.tensorrt.engine import build_engine
 
-        return build_engine(onnx_path, onnx_path.with_name("model.engine"))
+        try:
+            return build_engine(onnx_path, onnx_path.with_name("model.engine"))
+        except ExternalToolError:
+            raise
+        except Exception as e:  # e.g. no CUDA device: TensorRT raises plain exceptions
+            raise ExternalToolError(f"TensorRT engine build failed: {type(e).__name__}: {e}; run build_engine.sh "
+                                    f"on a machine with an NVIDIA GPU") from None
 
 
 def _ort_version() -> str:

@@ -126,6 +126,22 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
     # 2. tied ops: output (and for CONCATENATION all inputs) share the first input's parameters
     for op in sg.operators:
         code = opname.get(model.operatorCodes[op.opcodeIndex].builtinCode, "?")
+        if code == "CONCATENATION":
+            # one scale for all inputs and the output: the union of the inputs' ranges
+            lo, hi = 0.0, 0.0
+            for i in list(op.inputs) + list(op.outputs):
+                name = onnx_name(int(i))
+                r = plan.range_of(name) if name else None
+                if r is not None:  # the plan's range, exactly
+                    lo, hi = min(lo, r.min), max(hi, r.max)
+                    continue
+                s, z = params(int(i))
+                if len(s) == 1:
+                    lo, hi = min(lo, (-128 - z[0]) * s[0]), max(hi, (127 - z[0]) * s[0])
+            scale, zp = asymmetric_params(lo, hi)
+            for t in list(op.inputs) + list(op.outputs):
+                set_params(int(t), scale, zp)
+            continue
         if code in TIED_OPS and len(op.inputs) and op.inputs[0] >= 0:
             s, z = params(int(op.inputs[0]))
             if len(s) == 1:

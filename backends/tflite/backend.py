@@ -112,6 +112,7 @@ class TFLiteBackend:
         if applied is not None:
             extra["plan_deviations"] = applied.deviations
             extra["tensors_from_plan"] = applied.from_plan
+            extra["tensors_without_plan_range"] = applied.unmapped
         return Artifact(
             path=path, fp32_path=fp32_path, run=tflite_runner(path, ref, layout),
             fp32_run=tflite_runner(fp32_path, ref, layout),
