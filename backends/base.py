@@ -21,6 +21,7 @@ import onnx
 
 from calibration.dataset import Sample
 from deployer.errors import BackendUnavailableError, BadInputError
+from deployer.findings import Finding
 from deployer.plan import QuantPlan
 
 ENTRY_POINT_GROUP = "deployer.backends"
@@ -90,6 +91,13 @@ class Backend(Protocol):
         ...
 
     def lower(self, ctx: LoweringContext) -> Artifact:
+        ...
+
+
+class CheckingBackend(Backend, Protocol):
+    """A backend that also checks any ONNX model against its vendor's rules (``deploy check``)."""
+
+    def check(self, model: onnx.ModelProto) -> list[Finding]:
         ...
 
 

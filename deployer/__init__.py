@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 from deployer.errors import DeployerError  # noqa: E402
 
 
-BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout")
+BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout", "input_shapes")
 
 
 def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", recipe: str = "int8",

@@ -16,7 +16,7 @@ from typing import Any
 from calibration.observers import OBSERVERS
 from deployer.errors import DeployerError
 
-SUBCOMMANDS = ("plan", "targets", "examples")
+SUBCOMMANDS = ("plan", "targets", "examples", "check")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soc-version", default=None, help="Ascend SoC for atc (default Ascend310P3)")
     p.add_argument("--tflite-io", default="int8", help="int8 | uint8 | float model inputs/outputs (default int8)")
     p.add_argument("--tflite-layout", default="nhwc", help="nhwc | nchw (default nhwc)")
+    p.add_argument("--input-shapes", action="append", metavar="NAME:SHAPE",
+                   help="static name:1x3x224x224 or dynamic name:MIN/OPT/MAX (TensorRT profiles, ATC dynamic "
+                        "profiles); repeat or comma-separate for several inputs")
     return p
 
 
@@ -127,11 +130,49 @@ def cmd_plan(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_check(argv: Sequence[str]) -> int:
+    """``deploy check --target T M.onnx``: run a backend's graph checker on any ONNX model.
+
+    Exit 0 when no error-level finding, 1 when the model breaks a rule, 2 on bad input.
+    """
+    from backends.base import discover
+    from deployer.errors import BadInputError
+    from deployer.model_io import load_onnx
+
+    p = argparse.ArgumentParser(prog="deploy check", description="Check an ONNX model against a backend's rules.")
+    p.add_argument("model", help="ONNX file to check")
+    p.add_argument("--target", required=True, help="backend whose rules to apply (tensorrt, ascend, ...)")
+    p.add_argument("--json", action="store_true", help="findings as JSON on stdout")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    a = p.parse_args(argv)
+    backends = discover()
+    if a.target not in backends:
+        raise BadInputError(f"unknown target {a.target!r}; `deploy targets` lists: {', '.join(sorted(backends))}")
+    backend = backends[a.target]
+    checker = getattr(backend, "check", None)
+    if checker is None:
+        raise BadInputError(f"target {a.target!r} has no graph checker; checkers exist for: "
+                            f"{', '.join(n for n, b in backends.items() if hasattr(b, 'check'))}")
+    findings = checker(load_onnx(a.model))
+    errors = [f for f in findings if f.severity == "error"]
+    if a.json:
+        print(json.dumps({"model": a.model, "target": a.target, "ok": not errors,
+                          "findings": [f.to_dict() for f in findings]}, indent=1))
+    elif not a.quiet:
+        for f in findings:
+            print(str(f))
+        print(f"{a.model}: {len(errors)} error(s), {len(findings) - len(errors)} warning(s) for {a.target}")
+    return 1 if errors else 0
+
+
 def cmd_deploy(argv: Sequence[str]) -> int:
     from deployer.pipeline import DeployOptions, run_deploy
 
     a = build_parser().parse_args(argv)
-    backend_options = {"tflite_io": a.tflite_io, "tflite_layout": a.tflite_layout}
+    from deployer.shapes import parse_input_shapes
+
+    backend_options: dict[str, Any] = {"tflite_io": a.tflite_io, "tflite_layout": a.tflite_layout,
+                                       "input_shapes": parse_input_shapes(a.input_shapes)}
     if a.soc_version:
         backend_options["soc_version"] = a.soc_version
     opts = DeployOptions(targets=a.target, observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
@@ -183,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_examples(args[1:])
         if args and args[0] == "plan":
             return cmd_plan(args[1:])
+        if args and args[0] == "check":
+            return cmd_check(args[1:])
         return cmd_deploy(args)
     except DeployerError as e:
         print(f"deploy: error: {e}", file=sys.stderr)

@@ -96,7 +96,7 @@ def tokenize(tokenizer: Any, texts: Sequence[str], seq: int = SEQ) -> tuple[np.n
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 
-def embed_fp32(texts: Sequence[str], batch: int = 32, seq: int = SEQ) -> np.ndarray:
+def embed_fp32(texts: Sequence[str], batch: int = 16, seq: int = SEQ) -> np.ndarray:
     """FP32 embeddings [N, 384] with the torch module, batched by length (same tokens as the graph)."""
     import torch
 

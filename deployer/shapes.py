@@ -1,0 +1,75 @@
+"""``--input-shapes`` grammar, shared by every target.
+
+``name:SHAPE`` fixes an input's shape; ``name:MIN/OPT/MAX`` gives a dynamic range (TensorRT
+optimization profile; ATC dynamic profiles). Shapes are ``x``-separated positive integers, e.g.
+``input:1x3x224x224`` or ``input_ids:1x16/8x128/32x256``. Several inputs are separated by commas or
+given as repeated options.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from deployer.errors import BadInputError
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """min/opt/max shapes of one input (all equal for a static shape)."""
+
+    min: tuple[int, ...]
+    opt: tuple[int, ...]
+    max: tuple[int, ...]
+
+    @property
+    def static(self) -> bool:
+        return self.min == self.opt == self.max
+
+    def dynamic_axes(self) -> list[int]:
+        """Axes whose size differs between min and max."""
+        return [i for i, (a, b) in enumerate(zip(self.min, self.max)) if a != b]
+
+
+def _shape(text: str, spec: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in text.lower().split("x"))
+    except ValueError:
+        raise BadInputError(f"--input-shapes {spec!r}: {text!r} is not a shape like 1x3x224x224") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise BadInputError(f"--input-shapes {spec!r}: dimensions must be positive integers")
+    return dims
+
+
+def parse_input_shapes(specs: str | Sequence[str] | None) -> dict[str, ShapeRange]:
+    """Parse ``name:SHAPE`` / ``name:MIN/OPT/MAX`` items.
+
+    Raises:
+        BadInputError: malformed item, ranks that differ, or min > opt > max violated.
+    """
+    if not specs:
+        return {}
+    items = [specs] if isinstance(specs, str) else list(specs)
+    parts = [p.strip() for item in items for p in item.split(",") if p.strip()]
+    out: dict[str, ShapeRange] = {}
+    for part in parts:
+        name, sep, rest = part.rpartition(":")
+        if not sep or not name:
+            raise BadInputError(f"--input-shapes {part!r}: use name:SHAPE or name:MIN/OPT/MAX")
+        pieces = rest.split("/")
+        if len(pieces) == 1:
+            s = _shape(pieces[0], part)
+            rng = ShapeRange(s, s, s)
+        elif len(pieces) == 3:
+            mn, op, mx = (_shape(p, part) for p in pieces)
+            if not len(mn) == len(op) == len(mx):
+                raise BadInputError(f"--input-shapes {part!r}: MIN, OPT and MAX must have the same rank")
+            if any(not (a <= b <= c) for a, b, c in zip(mn, op, mx)):
+                raise BadInputError(f"--input-shapes {part!r}: need MIN <= OPT <= MAX in every dimension")
+            rng = ShapeRange(mn, op, mx)
+        else:
+            raise BadInputError(f"--input-shapes {part!r}: give one shape or MIN/OPT/MAX")
+        if name in out:
+            raise BadInputError(f"--input-shapes: input {name!r} given twice")
+        out[name] = rng
+    return out
