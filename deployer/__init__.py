@@ -12,11 +12,14 @@ Every user-facing error is a :class:`DeployerError`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 from deployer.errors import DeployerError  # noqa: E402
+
+if TYPE_CHECKING:  # the pipeline imports onnx and the backends: loaded only when deploy() runs
+    from deployer.pipeline import DeployResult
 
 
 BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout", "input_shapes")
@@ -26,7 +29,9 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
            out_dir: str | Path = "deploy-out", observer: str = "minmax", plan: Any = None,
            overwrite: bool = False, calib_samples: int | None = None, heldout_samples: int = 300, seed: int = 0,
            ema_momentum: float = 0.9, no_cache: bool = False, bias_correction: bool = True,
-           **backend_options: Any) -> Any:
+           fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
+           eval_dir: str | Path | None = None, metric: Any = None,
+           **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
     Args:
@@ -40,6 +45,10 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         plan: an existing plan (path or :class:`deployer.plan.QuantPlan`) to lower instead of calibrating.
         calib_samples / heldout_samples / seed / ema_momentum / no_cache: as the CLI flags.
         bias_correction: add empirical bias correction to the plan (default on).
+        fidelity_target / search_budget: mixed-precision search (see :mod:`deployer.mixed`).
+        enforce_gates: raise :class:`deployer.errors.GateFailedError` when a release gate fails.
+        eval_dir: labelled evaluation data (``DIR/inputs/`` + ``DIR/labels.npy``).
+        metric: callable ``outputs -> {name: value}`` on the held-out outputs (your task metric).
         backend_options: ``soc_version``, ``tflite_io``, ``tflite_layout`` (others are refused).
 
     Returns:
@@ -57,8 +66,24 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
     opts = DeployOptions(targets=targets, observer=observer, recipe=recipe, overwrite=overwrite,
                          calib_samples=calib_samples, heldout_samples=heldout_samples, seed=seed,
                          ema_momentum=ema_momentum, no_cache=no_cache, bias_correction=bias_correction,
+                         fidelity_target=fidelity_target, search_budget=search_budget,
+                         enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric,
                          backend_options=backend_options)
     return run_deploy(model, calibration, out_dir, opts, plan)
 
 
-__all__ = ["deploy", "DeployerError", "__version__"]
+def verify_artifact(artifact: str | Path, data: str | Path, reference: str | Path | None = None,
+                    out_dir: str | Path = "verify-out", overwrite: bool = False) -> "DeployResult":
+    """Re-verify an existing ``.onnx``/``.tflite`` artifact against the FP32 reference on ``data``
+    (``deploy verify``); writes ``report.json`` and ``report.html`` to ``out_dir``.
+
+    Raises:
+        DeployerError: bad input (``BadInputError``), a runtime that cannot run here (``BackendUnavailableError``).
+    """
+    from deployer.reverify import VerifyOptions
+    from deployer.reverify import verify_artifact as _verify
+
+    return _verify(artifact, data, reference, out_dir, VerifyOptions(overwrite=overwrite))
+
+
+__all__ = ["deploy", "verify_artifact", "DeployerError", "__version__"]

@@ -16,7 +16,7 @@ from typing import Any
 from calibration.observers import OBSERVERS
 from deployer.errors import DeployerError
 
-SUBCOMMANDS = ("plan", "targets", "examples", "check")
+SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -30,10 +30,18 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-momentum", type=float, default=0.9, help="EMA momentum for --observer ema")
     p.add_argument("--recipe", default="int8", help="int8 | mixed | fp16 | rules file (JSON/YAML)")
     p.add_argument("--seed", type=int, default=0, help="seed of the example's crop split")
+    p.add_argument("--fidelity-target", type=float, default=None, metavar="FRACTION",
+                   help="mixed-precision search: keep the fewest layers in FP16/float so the primary metric "
+                        "reaches this fraction of FP32 (e.g. 0.99)")
+    p.add_argument("--search-budget", type=int, default=24, help="evaluations the search may spend (default 24)")
+    p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a release gate fails")
+    p.add_argument("--eval", dest="eval_dir", metavar="DIR",
+                   help="labelled held-out data: DIR/inputs/ samples + DIR/labels.npy")
     p.add_argument("--no-bias-correction", action="store_true",
                    help="do not add empirical bias correction (Nagel et al. 2019) to the plan")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--verbose", action="store_true", help="also print the worst layers (per-layer SQNR)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
 
 
@@ -46,9 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soc-version", default=None, help="Ascend SoC for atc (default Ascend310P3)")
     p.add_argument("--tflite-io", default="int8", help="int8 | uint8 | float model inputs/outputs (default int8)")
     p.add_argument("--tflite-layout", default="nhwc", help="nhwc | nchw (default nhwc)")
+    p.add_argument("--tflite-mode", default="int8", choices=("int8", "16x8"),
+                   help="tflite: int8 activations (default) or 16x8 (int16 activations, int8 weights)")
+    p.add_argument("--tflite-per-tensor", action="store_true",
+                   help="tflite: per-tensor weight scales (TFLite Micro and delegates without per-channel FC)")
+    p.add_argument("--strict", action="store_true",
+                   help="fail (exit 1) instead of leaving ops unquantized (tflite: float ops)")
+    p.add_argument("--ort-mode", default="static", choices=("static", "dynamic"),
+                   help="onnxruntime target: static (QDQ, activation ranges from the plan; default) or dynamic "
+                        "(INT8 weights, activations quantized at run time)")
     p.add_argument("--input-shapes", action="append", metavar="NAME:SHAPE",
                    help="static name:1x3x224x224 or dynamic name:MIN/OPT/MAX (TensorRT profiles, ATC dynamic "
                         "profiles); repeat or comma-separate for several inputs")
+    p.add_argument("--trt-version-compatible", action="store_true",
+                   help="tensorrt: build a version-compatible engine (runs on later TensorRT runtimes)")
+    p.add_argument("--trt-hardware-compatibility", choices=("ampere_plus", "same_compute_capability"),
+                   help="tensorrt: engine hardware-compatibility level (default: this GPU only)")
     return p
 
 
@@ -84,10 +105,18 @@ def _progress(enabled: bool) -> Any:
     return update
 
 
+def _output_only(prog: str, args: Sequence[str]) -> argparse.Namespace:
+    from deployer.commands import add_output_flags
+
+    p = argparse.ArgumentParser(prog=f"deploy {prog}")
+    add_output_flags(p)
+    return p.parse_args(args)
+
+
 def cmd_targets(args: Sequence[str]) -> int:
     from backends.base import discover
 
-    as_json = "--json" in args
+    as_json = _output_only("targets", args).json
     rows = []
     for name, b in discover().items():
         ok, why = b.available()
@@ -104,7 +133,7 @@ def cmd_targets(args: Sequence[str]) -> int:
 def cmd_examples(args: Sequence[str]) -> int:
     from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES
 
-    if "--json" in args:
+    if _output_only("examples", args).json:
         print(json.dumps([{"name": e.name, "description": e.description, "requires": e.requires,
                            "default": e.name == DEFAULT_EXAMPLE} for e in EXAMPLES.values()], indent=1))
     else:
@@ -121,7 +150,9 @@ def cmd_plan(argv: Sequence[str]) -> int:
     opts = DeployOptions(observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache,
-                         bias_correction=not a.no_bias_correction)
+                         bias_correction=not a.no_bias_correction,
+                         fidelity_target=a.fidelity_target, search_budget=a.search_budget,
+                         enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     plan = plan_only(a.model, a.calib, a.out, opts, _progress(not (a.quiet or a.json) and sys.stderr.isatty()))
     if a.json:
         print(json.dumps({"plan": a.out, "nodes": len(plan.nodes), "ranges": len(plan.ranges)}))
@@ -144,6 +175,7 @@ def cmd_check(argv: Sequence[str]) -> int:
     p.add_argument("--target", required=True, help="backend whose rules to apply (tensorrt, ascend, ...)")
     p.add_argument("--json", action="store_true", help="findings as JSON on stdout")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--verbose", action="store_true", help="accepted on every subcommand; check already prints every finding")
     a = p.parse_args(argv)
     backends = discover()
     if a.target not in backends:
@@ -175,19 +207,42 @@ def cmd_deploy(argv: Sequence[str]) -> int:
                                        "input_shapes": parse_input_shapes(a.input_shapes)}
     if a.soc_version:
         backend_options["soc_version"] = a.soc_version
+    backend_options["ort_mode"] = a.ort_mode
+    backend_options["tflite_mode"] = a.tflite_mode
+    backend_options["tflite_per_tensor"] = a.tflite_per_tensor
+    backend_options["strict"] = a.strict
+    backend_options["trt_version_compatible"] = a.trt_version_compatible
+    backend_options["trt_hardware_compatibility"] = a.trt_hardware_compatibility
     opts = DeployOptions(targets=a.target, observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache, backend_options=backend_options,
-                         bias_correction=not a.no_bias_correction)
+                         bias_correction=not a.no_bias_correction,
+                         fidelity_target=a.fidelity_target, search_budget=a.search_budget,
+                         enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
-    result = run_deploy(a.model, a.calib, a.out, opts, a.plan,
-                        progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log)
+    from deployer.errors import GateFailedError
+
+    try:
+        result = run_deploy(a.model, a.calib, a.out, opts, a.plan,
+                            progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log)
+    except GateFailedError as e:  # outputs were written: show them, then exit 1
+        written = getattr(e.result, "report", None)
+        if written is not None and a.json:
+            print(json.dumps(written, indent=1, sort_keys=True))
+        elif written is not None and not a.quiet:
+            print(format_table(written))
+        raise
     if a.json:
         print(json.dumps(result.report, indent=1, sort_keys=True))
     elif not a.quiet:
         print(format_table(result.report))
-        print(f"\nwrote {result.out_dir}/ (plan.json, report.json, artifacts)")
-    return 0
+        if a.verbose:
+            for row in result.report.get("layers", {}).get("layers", [])[:10]:
+                _print(f"  {row['node']:<40} {row['op_type']:<12} {row['precision']:<5} SQNR {row['sqnr_db']} dB", False)
+        print(f"\nwrote {result.out_dir}/ (plan.json, report.json, report.html, artifacts)")
+    from deployer.commands import exit_code_for_report
+
+    return exit_code_for_report(result.report)
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -196,7 +251,9 @@ def format_table(report: dict[str, Any]) -> str:
     from rich.table import Table
 
     table = Table(title="deploy: fidelity vs FP32 on held-out samples")
-    for col in ("target", "artifact", "fidelity", "size vs FP32", "verified by", "notes"):
+    from deployer.report_html import format_gates
+
+    for col in ("target", "artifact", "fidelity", "size vs FP32", "gates", "verified by", "notes"):
         table.add_column(col)
     for name, t in report["targets"].items():
         fid = t["fidelity"]
@@ -206,7 +263,8 @@ def format_table(report: dict[str, Any]) -> str:
         size = t["size_bytes"]
         ratio = f"{size['artifact'] / 1e6:.2f} MB ({100 * size['ratio']:.1f}%)" if size.get("ratio") else \
             f"{size['artifact'] / 1e6:.2f} MB"
-        table.add_row(name, t["artifact"], ", ".join(parts), ratio, t["verified_by"], "; ".join(t["notes"]))
+        table.add_row(name, t["artifact"], ", ".join(parts), ratio, format_gates(t.get("gates")), t["verified_by"],
+                      "; ".join(t["notes"]))
     console = Console(file=None, width=200, no_color=not sys.stdout.isatty(), force_terminal=False)
     with console.capture() as cap:
         console.print(table)
@@ -226,6 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(args[1:])
         if args and args[0] == "check":
             return cmd_check(args[1:])
+        if args and args[0] == "recommend":
+            from deployer.recommend import cmd_recommend
+
+            return cmd_recommend(args[1:])
+        if args and args[0] in ("inspect", "verify"):
+            from deployer import commands
+
+            return commands.cmd_inspect(args[1:]) if args[0] == "inspect" else commands.cmd_verify(args[1:])
+        if args and args[0] == "deploy":
+            return cmd_deploy(args[1:])
         return cmd_deploy(args)
     except DeployerError as e:
         print(f"deploy: error: {e}", file=sys.stderr)

@@ -34,9 +34,13 @@ class BackendUnavailableError(DeployerError):
 
 
 class GateFailedError(DeployerError):
-    """An enforced release gate failed."""
+    """An enforced release gate failed. ``result`` holds the written deployment."""
 
     exit_code = 1
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class ExternalToolError(DeployerError):

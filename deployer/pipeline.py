@@ -30,9 +30,10 @@ from calibration.cache import cached_statistics
 from calibration.dataset import CalibrationSet, from_iterable, sha256_file
 from calibration.observers import DEFAULT_EMA_MOMENTUM, OBSERVERS, Statistics, reduce_range
 from deployer import __version__
-from deployer.errors import BackendUnavailableError, BadInputError, DeployerError
+from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError
+from deployer.gates import evaluate_gates, failed
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, get_example
-from deployer.model_io import canonicalize, export_torch, input_specs, load_onnx, model_sha256
+from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
 from deployer.recipe import decide, load_rules
 from deployer.verify import fidelity
@@ -54,6 +55,14 @@ class DeployOptions:
         heldout_samples: number of held-out samples (built-in examples).
         seed: fixed seed of the example split.
         bias_correction: add empirical bias correction (Nagel et al. 2019) to the plan.
+        fidelity_target: run the mixed-precision search (:mod:`deployer.mixed`) for this fraction of
+            FP32's primary metric (e.g. 0.99); None = no search.
+        search_budget: evaluations the search may spend after its sensitivity pass.
+        enforce_gates: a failed release gate raises :class:`GateFailedError` (exit 1) after writing.
+        eval_dir: labelled held-out data (``DIR/inputs/`` samples + ``DIR/labels.npy``) replacing
+            the held-out set; enables labelled metrics (accuracy, macro recall) and the recall gate.
+        metric: user task metric: per-sample outputs of the held-out set -> ``{name: value}``;
+            reported for FP32 and each artifact with ``<name>_relative``.
         ema_momentum: EMA momentum.
         overwrite: replace an existing output directory.
         no_cache: neither read nor write the user statistics cache (``--no-cache``).
@@ -71,6 +80,11 @@ class DeployOptions:
     no_cache: bool = False
     backend_options: dict[str, Any] = field(default_factory=dict)
     bias_correction: bool = True
+    fidelity_target: float | None = None
+    search_budget: int = 24
+    enforce_gates: bool = False
+    eval_dir: str | Path | None = None
+    metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
 
 
 @dataclass
@@ -83,6 +97,8 @@ class Inputs:
     task: str
     source: str
     split: str
+    metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
+    labels: np.ndarray | None = None
 
 
 @dataclass
@@ -156,7 +172,8 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         cal = data.calibration
         if calib is not None:
             cal = _user_calibration(calib, ref)
-        return Inputs(ref, cal, data.heldout, data.task, f"example:{name}", data.split)
+        return _with_eval(Inputs(ref, cal, data.heldout, data.task, f"example:{name}", data.split,
+                                 opts.metric or data.metric), opts)
     if isinstance(model, (str, Path)):
         p = Path(model)
         if p.suffix.lower() != ".onnx" and not p.exists():
@@ -184,6 +201,7 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     if dynamic:
         raise BadInputError(f"model input(s) {dynamic} have dynamic dimensions; export with static shapes")
     cal = _user_calibration(calib, ref)
+    check_runnable(ref, cal[0], source)
     n = len(cal)
     if n >= 5:
         k = max(1, n // 5)
@@ -195,7 +213,33 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     if opts.calib_samples is not None:
         cal = CalibrationSet(list(cal)[: opts.calib_samples], cal.name)
     task = "classification" if _looks_like_classifier(ref) else "generic"
-    return Inputs(ref, cal, held, task, source, split)
+    return _with_eval(Inputs(ref, cal, held, task, source, split, opts.metric), opts)
+
+
+def _with_eval(inputs: Inputs, opts: DeployOptions) -> Inputs:
+    """Replace the held-out set by labelled ``--eval DIR`` data (``DIR/inputs/`` + ``DIR/labels.npy``).
+
+    Raises:
+        BadInputError: missing labels, or a label count that differs from the sample count.
+    """
+    if opts.eval_dir is None:
+        return inputs
+    root = Path(opts.eval_dir)
+    labels_path = root / "labels.npy"
+    if not (root / "inputs").is_dir() or not labels_path.is_file():
+        raise BadInputError(f"--eval {root}: expected {root}/inputs/ (samples) and {root}/labels.npy (one label per "
+                            f"sample)")
+    held = _user_calibration(root / "inputs", inputs.reference)
+    try:
+        labels = np.load(labels_path, allow_pickle=False)
+    except ValueError:
+        raise BadInputError(f"--eval {labels_path} holds pickled objects or is not numpy; save integer labels with "
+                            f"np.save") from None
+    labels = labels.reshape(-1)
+    if len(labels) != len(held):
+        raise BadInputError(f"--eval: {len(labels)} labels for {len(held)} samples; give one label per sample")
+    return Inputs(inputs.reference, inputs.calibration, held, inputs.task, inputs.source,
+                  f"labelled evaluation data {root} ({len(held)} samples)", inputs.metric, labels)
 
 
 def _user_calibration(calib: Any, ref: onnx.ModelProto) -> CalibrationSet:
@@ -288,6 +332,8 @@ def atomic_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise BadInputError(f"output directory {out_dir} exists; pass --overwrite or choose another --out")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInputError(f"output {out_dir} exists and is not a directory; remove it or choose another --out")
     parent = out_dir.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -303,13 +349,21 @@ def atomic_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     in_main = _is_main_thread()
     if in_main:
         signal.signal(signal.SIGTERM, on_term)
+    old: Path | None = None  # a replaced output waits here until the new one is in place
     try:
         yield tmp
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            old = parent / f".{out_dir.name}.tmp-old-{os.getpid()}"
+            os.replace(out_dir, old)
         os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
+        if old is not None and old.exists() and not out_dir.exists():
+            os.replace(old, out_dir)  # interrupted between the renames: the previous output comes back
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         raise
     finally:
         if in_main:
@@ -350,6 +404,10 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     else:
         stats = compute_statistics(inputs, opts, progress)
         the_plan = make_plan(inputs, stats, opts)
+    search_result = None
+    if opts.fidelity_target is not None:
+        log(f"mixed-precision search for fidelity target {opts.fidelity_target} ...")
+        the_plan, search_result = run_search(inputs, the_plan, opts, [backends[t] for t in targets], progress)
     ref_run = onnx_runner(inputs.reference)
     ref_out = ref_run(inputs.heldout)
     out_names = [o.name for o in inputs.reference.graph.output]
@@ -367,22 +425,121 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                                   fp32_reference=inputs.reference)
             results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
+        if search_result is not None:
+            report["mixed_precision"] = search_result
+        log("per-layer error and report.html ...")
+        report["layers"] = _layers(inputs, the_plan, prepared)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    return DeployResult(out_dir, out_dir / "plan.json", out_dir / "report.json", results, report)
+        from deployer.report_html import write_html
+
+        write_html(report, tmp)
+    result = DeployResult(out_dir, out_dir / "plan.json", out_dir / "report.json", results, report)
+    failing = {t: failed(r.extra.get("gates", {})) for t, r in results.items()}
+    failing = {t: g for t, g in failing.items() if g}
+    if opts.enforce_gates and failing:
+        raise GateFailedError(f"release gate(s) failed: {failing}; see {result.report_path} (outputs were written)",
+                              result=result)
+    return result
+
+
+def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: list[Backend],
+               progress: Progress = _noop) -> tuple[QuantPlan, dict[str, Any]]:
+    """Mixed-precision search on calibration samples, simulated with the first target's Q/DQ policy.
+
+    Returns the new plan and the report's ``mixed_precision`` section.
+    """
+    from deployer.mixed import DEFAULT_SIMULATION_POLICY, Evaluator, relative_metric, search
+    from deployer.recovery import apply_bias_correction
+
+    if not 0.0 < float(opts.fidelity_target or 0) <= 1.0:
+        raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
+    if opts.search_budget < 1:
+        raise BadInputError("--search-budget must be at least 1")
+    policy, simulated_by = DEFAULT_SIMULATION_POLICY, "generic symmetric Q/DQ"
+    for b in backends:
+        p = getattr(b, "qdq_policy", None)
+        if p is not None:
+            policy, simulated_by = p, f"{b.name} Q/DQ policy"
+            break
+    prepared = apply_bias_correction(inputs.reference, plan.bias_correction)
+    n = min(len(inputs.calibration), 64)
+    step = max(1, len(inputs.calibration) // n)
+    samples = list(inputs.calibration)[::step][:n]
+    ev = Evaluator(prepared, samples, policy, relative_metric(inputs.task))
+    res = search(plan, prepared, ev, target=float(opts.fidelity_target or 0), budget=opts.search_budget,
+                 progress=lambda d, t: progress("sensitivity", d, t))
+    section = res.to_dict()
+    section.update({"simulated_with": simulated_by, "search_samples": f"{len(samples)} calibration samples "
+                    "(never the held-out set)", "metric": "top1_agreement" if inputs.task == "classification"
+                    else "cosine_mean"})
+    new_plan = res.plan.with_nodes(res.plan.nodes, {**res.plan.recipe, "search": {
+        "fidelity_target": opts.fidelity_target, "budget": opts.search_budget, "kept": res.kept}})
+    return new_plan, section
+
+
+def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto) -> dict[str, Any]:
+    """The report's ``layers``: per-layer SQNR on a few held-out samples (:mod:`deployer.layer_error`)."""
+    from deployer.layer_error import layer_errors
+
+    try:
+        return layer_errors(inputs.reference, plan, inputs.heldout, lower_from=prepared)
+    except DeployerError as e:
+        return {"method": "not computed", "error": str(e), "samples": 0, "layers": []}
 
 
 def _lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[np.ndarray]], out_names: list[str],
                       inputs: Inputs, tmp: Path, progress: Progress) -> TargetResult:
     art = backend.lower(ctx)
     fid: dict[str, Any] = {}
+    outputs = None
     if art.run is not None:
-        fid = fidelity(ref_out, art.run(inputs.heldout), out_names, inputs.task)
+        outputs = art.run(inputs.heldout)
+        fid = fidelity(ref_out, outputs, out_names, inputs.task)
     fp32_size = art.fp32_path.stat().st_size if art.fp32_path and art.fp32_path.exists() else None
     size = {"fp32": fp32_size, "artifact": art.path.stat().st_size}
     if fp32_size:
         size["ratio"] = round(size["artifact"] / fp32_size, 4)  # type: ignore[operator]
-    return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, fid, art.verified_by, art.notes,
-                        {k: v for k, v in art.extra.items()})
+    extra = {k: v for k, v in art.extra.items()}
+    if art.throughput is not None:
+        extra["throughput_qps"] = art.throughput(inputs.heldout)
+    if outputs is not None:
+        fid.update(_task_metrics(inputs, ref_out, outputs))
+        if inputs.labels is not None:
+            extra["labelled"] = {"fp32": labelled_metrics(ref_out, inputs.labels),
+                                 "artifact": labelled_metrics(outputs, inputs.labels)}
+    entry = {"fidelity": fid, "size_bytes": size, **extra}
+    extra["gates"] = evaluate_gates(entry)
+    return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, fid, art.verified_by, art.notes, extra)
+
+
+_FP32_TASK: dict[int, dict[str, float]] = {}
+
+
+def _task_metrics(inputs: Inputs, ref_out: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> dict[str, Any]:
+    """The example's or user's task metric for the artifact, FP32's, and their ratio (``*_relative``)."""
+    if inputs.metric is None:
+        return {}
+    key = id(ref_out)
+    if key not in _FP32_TASK:
+        _FP32_TASK.clear()
+        _FP32_TASK[key] = inputs.metric(ref_out)
+    fp32 = _FP32_TASK[key]
+    art = inputs.metric(outputs)
+    out: dict[str, Any] = {}
+    for name, v in art.items():
+        out[name] = v
+        out[f"{name}_fp32"] = fp32.get(name)
+        if fp32.get(name):
+            out[f"{name}_relative"] = round(v / fp32[name], 6)
+    return out
+
+
+def labelled_metrics(outputs: list[list[np.ndarray]], labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro recall of arg-max predictions of output 0 against integer labels."""
+    pred = np.array([int(np.argmax(o[0])) for o in outputs])
+    lab = labels.astype(np.int64)
+    recalls = [float(np.mean(pred[lab == c] == c)) for c in np.unique(lab)]
+    return {"accuracy": round(float(np.mean(pred == lab)), 6), "recall": round(float(np.mean(recalls)), 6)}
 
 
 def build_report(plan: QuantPlan, inputs: Inputs, results: dict[str, TargetResult], out: Path,
@@ -413,15 +570,24 @@ def plan_only(model: Any = None, calibration: Any = None, out: str | Path = "pla
     inputs = load_inputs(model, calibration, opts)
     stats = compute_statistics(inputs, opts, progress)
     p = make_plan(inputs, stats, opts)
+    if opts.fidelity_target is not None:
+        p, _ = run_search(inputs, p, opts, [], progress)
     out = Path(out)
     if out.exists() and not opts.overwrite:
         raise BadInputError(f"{out} exists; pass --overwrite or choose another path")
+    if out.is_dir():
+        raise BadInputError(f"{out} is a directory; give a file path for the plan (--out FILE)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         p.save(tmp)
         os.replace(tmp, out)
+    except OSError as e:
+        raise BadInputError(f"cannot write the plan to {out} ({e.strerror}); choose a writable --out") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
     return p
 
 
