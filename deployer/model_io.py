@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,46 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
     except Exception as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise BadInputError(f"model {p} fails the ONNX checker: {msg[:300]}; fix or re-export the model") from None
+    _check_initializers(model, p)
     return model
+
+
+def _check_initializers(model: onnx.ModelProto, p: Path) -> None:
+    """Every initializer's payload must match its dims and type (``onnx.checker`` does not look)."""
+    from onnx import numpy_helper
+
+    for t in model.graph.initializer:
+        try:
+            numpy_helper.to_array(t)
+        except Exception as e:
+            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            raise BadInputError(f"model {p}: initializer {t.name!r} is corrupt ({msg}); re-export the model") from None
+
+
+def check_runnable(model: onnx.ModelProto, sample: dict[str, np.ndarray], source: str) -> None:
+    """Load ``model`` in ONNX Runtime and run it on one sample, so a model that ONNX accepts but
+    cannot run (type or shape errors, attributes out of range, ops without a kernel) is reported as
+    bad input before calibration starts.
+
+    Raises:
+        UnsupportedModelError: ONNX Runtime refuses the model or fails on the sample.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 4  # the error is reported once, as our message
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UnsupportedModelError(f"model {source}: ONNX Runtime cannot load it: {msg}; fix or re-export the model") from None
+    try:
+        sess.run(None, dict(sample))
+    except Exception as e:
+        msg = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UnsupportedModelError(f"model {source}: ONNX Runtime fails on calibration sample 0: {msg}; "
+                                    f"fix the model or the data") from None
 
 
 def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
@@ -77,6 +118,54 @@ def _check_external_data(model: onnx.ModelProto, base: Path) -> None:
             )
         if not target.is_file():
             raise BadInputError(f"model external data file {loc!r} of tensor {t.name!r} is missing; put it beside the model")
+
+
+def load_torch_checkpoint(path: str | Path, module_factory: Callable[[], Any]) -> Any:
+    """Build a module with ``module_factory()`` and load the weights of a ``torch.save`` checkpoint.
+
+    The file is read only with ``torch.load(weights_only=True)``: tensors and plain containers are
+    accepted; a checkpoint holding any other pickled object (a class instance, a function, a
+    ``__reduce__`` payload) is refused before anything in it runs. A checkpoint is a state dict or a
+    dict holding one under ``"state_dict"``.
+
+    Raises:
+        BadInputError: missing/unreadable file, not a PyTorch checkpoint, pickled objects, or weights
+            that do not match the module.
+    """
+    import pickle
+
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"checkpoint {p} does not exist or is not a file; check the path")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" in str(e).lower():
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            what = f" ({found.group(1)})" if found else ""
+            raise BadInputError(
+                f"checkpoint {p} holds pickled objects{what}, which deployer never loads; save only the "
+                f"weights: torch.save(module.state_dict(), path)"
+            ) from None
+        raise BadInputError(f"checkpoint {p} is not a PyTorch checkpoint; save it with torch.save") from None
+    except OSError as e:
+        raise BadInputError(f"checkpoint {p} cannot be read ({e.strerror or e}); check its permissions") from None
+    except Exception:  # zip reader errors, truncated files
+        raise BadInputError(f"checkpoint {p} is not a readable PyTorch checkpoint (corrupt or truncated); "
+                            f"save it again with torch.save") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadInputError(f"checkpoint {p} is not a state dict of tensors; save module.state_dict()")
+    module = module_factory()
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = " ".join(str(e).split())[:300]
+        raise BadInputError(f"checkpoint {p} does not fit the module: {first}") from None
+    return module
 
 
 def export_torch(module: Any, example_inputs: dict[str, np.ndarray], output_names: list[str] | None = None) -> onnx.ModelProto:
@@ -98,7 +187,8 @@ def export_torch(module: Any, example_inputs: dict[str, np.ndarray], output_name
 
 
 def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant-fold with onnxslim, drop dead nodes and give every node a unique name."""
+    """Constant-fold with onnxslim, drop dead nodes, give every node a unique name, then run the
+    preparation passes of :mod:`deployer.prepare` (Constant nodes to initializers, BatchNorm folding)."""
     import onnxslim
 
     try:
@@ -115,7 +205,9 @@ def canonicalize(model: onnx.ModelProto) -> onnx.ModelProto:
             name = f"{name}_{i}"
         node.name = name
         seen.add(name)
-    return out
+    from deployer.prepare import prepare
+
+    return prepare(out)
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -131,7 +223,12 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tt = vi.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
-        specs.append(InputSpec(vi.name, shape, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))))
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise UnsupportedModelError(f"model input {vi.name!r} has element type {tt.elem_type}, which has no "
+                                        f"numpy equivalent; give the input a numeric type") from None
+        specs.append(InputSpec(vi.name, shape, dtype))
     if not specs:
         raise UnsupportedModelError("model has no inputs; deployer needs a model that takes at least one input")
     return specs
