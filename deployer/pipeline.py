@@ -99,6 +99,7 @@ class Inputs:
     split: str
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
     labels: np.ndarray | None = None
+    imported: dict[str, Any] | None = None
 
 
 @dataclass
@@ -178,7 +179,7 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         p = Path(model)
         if p.suffix.lower() != ".onnx" and not p.exists():
             raise BadInputError(f"model {model!r} is neither a built-in example ({', '.join(EXAMPLES)}) nor an existing file")
-        ref = canonicalize(load_onnx(p))
+        ref, imported = _import_if_quantized(load_onnx(p))
         source = str(p)
     elif isinstance(model, onnx.ModelProto):
         ref = canonicalize(model)
@@ -213,7 +214,31 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     if opts.calib_samples is not None:
         cal = CalibrationSet(list(cal)[: opts.calib_samples], cal.name)
     task = "classification" if _looks_like_classifier(ref) else "generic"
-    return _with_eval(Inputs(ref, cal, held, task, source, split, opts.metric), opts)
+    if not isinstance(model, (str, Path)):
+        imported = None
+    return _with_eval(Inputs(ref, cal, held, task, source, split, opts.metric, imported=imported), opts)
+
+
+def _import_if_quantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    """Canonicalize; a QDQ model is first split into its FP32 graph and its scales (:mod:`deployer.import_qdq`)."""
+    from deployer.import_qdq import import_qdq, is_qdq_model
+
+    if not is_qdq_model(model):
+        return canonicalize(model), None
+    named = onnx.ModelProto()
+    named.CopyFrom(model)
+    for i, node in enumerate(named.graph.node):
+        node.name = node.name or f"{node.op_type}_{i}"
+    fp32, decisions, ranges, summary = import_qdq(named)
+    ref = canonicalize(fp32)
+    nodes = {n.name: n.op_type for n in ref.graph.node}
+    from deployer.graph import GraphView
+
+    tensors = GraphView(ref).tensor_names()
+    kept_nodes = {k: v for k, v in decisions.items() if nodes.get(k) == v.op_type}
+    kept_ranges = {k: v for k, v in ranges.items() if k in tensors}
+    summary["dropped_by_canonicalization"] = (len(decisions) - len(kept_nodes)) + (len(ranges) - len(kept_ranges))
+    return ref, {"nodes": kept_nodes, "ranges": kept_ranges, "summary": summary}
 
 
 def _with_eval(inputs: Inputs, opts: DeployOptions) -> Inputs:
@@ -239,7 +264,7 @@ def _with_eval(inputs: Inputs, opts: DeployOptions) -> Inputs:
     if len(labels) != len(held):
         raise BadInputError(f"--eval: {len(labels)} labels for {len(held)} samples; give one label per sample")
     return Inputs(inputs.reference, inputs.calibration, held, inputs.task, inputs.source,
-                  f"labelled evaluation data {root} ({len(held)} samples)", inputs.metric, labels)
+                  f"labelled evaluation data {root} ({len(held)} samples)", inputs.metric, labels, inputs.imported)
 
 
 def _user_calibration(calib: Any, ref: onnx.ModelProto) -> CalibrationSet:
@@ -414,6 +439,10 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         validate_against_model(loaded_plan, {n.name: n.op_type for n in inputs.reference.graph.node}, view.tensor_names())
         the_plan = loaded_plan
         stats = None
+    elif inputs.imported is not None:
+        log(f"quantized model: its scales become the plan ({inputs.imported['summary']})")
+        the_plan = imported_plan(inputs)
+        stats = None
     else:
         stats = compute_statistics(inputs, opts, progress)
         the_plan = make_plan(inputs, stats, opts)
@@ -453,6 +482,21 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         raise GateFailedError(f"release gate(s) failed: {failing}; see {result.report_path} (outputs were written)",
                               result=result)
     return result
+
+
+def imported_plan(inputs: Inputs) -> QuantPlan:
+    """The plan of an imported QDQ model: its INT8 nodes, weight schemes and activation scales."""
+    assert inputs.imported is not None
+    specs = input_specs(inputs.reference)
+    return QuantPlan(
+        model={"sha256": model_sha256(inputs.reference), "source": inputs.source,
+               "inputs": [s.to_dict() for s in specs], "outputs": [o.name for o in inputs.reference.graph.output],
+               "opset": max(i.version for i in inputs.reference.opset_import if i.domain in ("", "ai.onnx"))},
+        calibration={"sha256": inputs.calibration.sha256(), "num_samples": 0, "name": "imported scales",
+                     "observer": "imported", "observer_params": {}},
+        recipe={"name": "imported", "rules": [], "imported": inputs.imported["summary"]},
+        nodes=inputs.imported["nodes"], ranges=inputs.imported["ranges"], provenance=provenance(),
+    )
 
 
 def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: list[Backend],
@@ -580,16 +624,16 @@ def plan_only(model: Any = None, calibration: Any = None, out: str | Path = "pla
               options: DeployOptions | None = None, progress: Progress = _noop) -> QuantPlan:
     """Compute and write a plan without lowering (``deploy plan``)."""
     opts = options or DeployOptions()
+    out = Path(out)
+    if out.exists() and not opts.overwrite:  # refused before any calibration or search
+        raise BadInputError(f"{out} exists; pass --overwrite or choose another path")
+    if out.is_dir():
+        raise BadInputError(f"{out} is a directory; give a file path for the plan (--out FILE)")
     inputs = load_inputs(model, calibration, opts)
     stats = compute_statistics(inputs, opts, progress)
     p = make_plan(inputs, stats, opts)
     if opts.fidelity_target is not None:
         p, _ = run_search(inputs, p, opts, [], progress)
-    out = Path(out)
-    if out.exists() and not opts.overwrite:
-        raise BadInputError(f"{out} exists; pass --overwrite or choose another path")
-    if out.is_dir():
-        raise BadInputError(f"{out} is a directory; give a file path for the plan (--out FILE)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         p.save(tmp)
