@@ -83,6 +83,17 @@ class TensorStats:
     hist: Histogram | None = None
     channel_sum: list[float] | None = None
     channel_count: int = 0
+    last_axis_absmax: list[float] | None = None
+
+    def observe_last_axis(self, values: np.ndarray) -> None:
+        """Running max |x| per index of the last axis (SmoothQuant's per-input-channel activation scale)."""
+        if values.ndim < 2:
+            return
+        amax = np.abs(values.reshape(-1, values.shape[-1])).max(axis=0).astype(np.float64)
+        if self.last_axis_absmax is None:
+            self.last_axis_absmax = [float(v) for v in amax]
+        elif len(self.last_axis_absmax) == len(amax):
+            self.last_axis_absmax = [max(a, float(b)) for a, b in zip(self.last_axis_absmax, amax)]
 
     def observe_channels(self, values: np.ndarray) -> None:
         """Accumulate the per-channel (axis 1) sum, for bias correction's ``E[x]`` (tensors of rank >= 2)."""
@@ -160,6 +171,10 @@ class TensorStats:
             s.ema_min = w * a.ema_min + b.ema_min - w * b1_min
             s.ema_max = w * a.ema_max + b.ema_max - w * b1_max
             s.ema_first_min, s.ema_first_max = a.ema_first_min, a.ema_first_max
+        if a.last_axis_absmax is not None and b.last_axis_absmax is not None:
+            s.last_axis_absmax = [max(x, y) for x, y in zip(a.last_axis_absmax, b.last_axis_absmax)]
+        else:
+            s.last_axis_absmax = a.last_axis_absmax or b.last_axis_absmax
         if a.channel_sum is not None and b.channel_sum is not None and len(a.channel_sum) == len(b.channel_sum):
             s.channel_sum = [x + y for x, y in zip(a.channel_sum, b.channel_sum)]
             s.channel_count = a.channel_count + b.channel_count
@@ -181,6 +196,8 @@ class TensorStats:
         if self.channel_sum is not None:
             d["channel_sum"] = self.channel_sum
             d["channel_count"] = self.channel_count
+        if self.last_axis_absmax is not None:
+            d["last_axis_absmax"] = self.last_axis_absmax
         return d
 
     @classmethod

@@ -30,7 +30,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
            overwrite: bool = False, calib_samples: int | None = None, heldout_samples: int = 300, seed: int = 0,
            ema_momentum: float = 0.9, no_cache: bool = False, bias_correction: bool = True,
            fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
-           eval_dir: str | Path | None = None, metric: Any = None,
+           eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
            **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
@@ -67,7 +67,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          calib_samples=calib_samples, heldout_samples=heldout_samples, seed=seed,
                          ema_momentum=ema_momentum, no_cache=no_cache, bias_correction=bias_correction,
                          fidelity_target=fidelity_target, search_budget=search_budget,
-                         enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric,
+                         enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
                          backend_options=backend_options)
     return run_deploy(model, calibration, out_dir, opts, plan)
 

@@ -55,6 +55,8 @@ class DeployOptions:
         heldout_samples: number of held-out samples (built-in examples).
         seed: fixed seed of the example split.
         bias_correction: add empirical bias correction (Nagel et al. 2019) to the plan.
+        smoothquant: SmoothQuant migration strength alpha for INT8 MatMuls with constant weights
+            (Xiao et al. 2023); None = off.
         fidelity_target: run the mixed-precision search (:mod:`deployer.mixed`) for this fraction of
             FP32's primary metric (e.g. 0.99); None = no search.
         search_budget: evaluations the search may spend after its sensitivity pass.
@@ -80,6 +82,7 @@ class DeployOptions:
     no_cache: bool = False
     backend_options: dict[str, Any] = field(default_factory=dict)
     bias_correction: bool = True
+    smoothquant: float | None = None
     fidelity_target: float | None = None
     search_budget: int = 24
     enforce_gates: bool = False
@@ -342,7 +345,28 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         means = {n: m for n, st in stats.tensors.items() if (m := st.channel_mean()) is not None}
         plan = plan.with_bias_correction(compute_bias_correction(inputs.reference, plan, means))
         plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["bias_correction"]})
+    if options.smoothquant is not None:
+        plan = _with_smoothing(plan, inputs, stats, options.smoothquant)
     return plan
+
+
+def _with_smoothing(plan: QuantPlan, inputs: Inputs, stats: Statistics, alpha: float) -> QuantPlan:
+    """Add SmoothQuant factors and the ranges of the smoothed MatMul inputs (symmetric, from the
+    per-channel max |x| / s)."""
+    import dataclasses
+
+    from deployer.recovery import compute_smoothing
+
+    if not 0.0 <= alpha <= 1.0:
+        raise BadInputError(f"--smoothquant {alpha}: alpha must be in [0, 1] (the paper uses 0.5)")
+    absmax = {n: np.asarray(st.last_axis_absmax) for n, st in stats.tensors.items() if st.last_axis_absmax}
+    smoothing = compute_smoothing(inputs.reference, plan, absmax, alpha)
+    ranges = dict(plan.ranges)
+    for t, s in smoothing.items():
+        m = float(np.max(absmax[t] / np.asarray(s)))
+        ranges[f"{t}__smoothed"] = TensorRange(-m, m)
+    recovery = list(plan.recipe.get("recovery", [])) + [f"smoothquant(alpha={alpha})"]
+    return dataclasses.replace(plan, smoothing=smoothing, ranges=ranges, recipe={**plan.recipe, "recovery": recovery})
 
 
 def provenance() -> dict[str, Any]:
@@ -454,9 +478,9 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     ref_out = ref_run(inputs.heldout)
     out_names = [o.name for o in inputs.reference.graph.output]
     results: dict[str, TargetResult] = {}
-    from deployer.recovery import apply_bias_correction
+    from deployer.recovery import prepare_for_lowering
 
-    prepared = apply_bias_correction(inputs.reference, the_plan.bias_correction)
+    prepared = prepare_for_lowering(inputs.reference, the_plan)
     with atomic_output(out_dir, opts.overwrite) as tmp:
         the_plan.save(tmp / "plan.json")
         if stats is not None:
@@ -506,7 +530,7 @@ def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: l
     Returns the new plan and the report's ``mixed_precision`` section.
     """
     from deployer.mixed import DEFAULT_SIMULATION_POLICY, Evaluator, relative_metric, search
-    from deployer.recovery import apply_bias_correction
+    from deployer.recovery import prepare_for_lowering
 
     if not 0.0 < float(opts.fidelity_target or 0) <= 1.0:
         raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
@@ -518,7 +542,7 @@ def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: l
         if p is not None:
             policy, simulated_by = p, f"{b.name} Q/DQ policy"
             break
-    prepared = apply_bias_correction(inputs.reference, plan.bias_correction)
+    prepared = prepare_for_lowering(inputs.reference, plan)
     n = min(len(inputs.calibration), 64)
     step = max(1, len(inputs.calibration) // n)
     samples = list(inputs.calibration)[::step][:n]

@@ -28,6 +28,7 @@ from deployer.errors import PlanError
 
 SCHEMA_VERSION = "1.0"
 SUPPORTED_SCHEMA_VERSIONS = ("1.0",)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class Precision(str, Enum):
@@ -157,6 +158,8 @@ class TensorRange:
                 raise PlanError(f"plan: range [{self.min}, {self.max}] must hold numbers")
             if not math.isfinite(float(v)):
                 raise PlanError(f"plan: range [{self.min}, {self.max}] is not finite; give finite numbers")
+            if abs(float(v)) > FLOAT32_MAX:  # activations are float32; a wider range gives an infinite scale
+                raise PlanError(f"plan: range [{self.min}, {self.max}] exceeds the float32 range; give float32 values")
         object.__setattr__(self, "min", float(self.min))
         object.__setattr__(self, "max", float(self.max))
         if self.min > self.max:
@@ -188,6 +191,8 @@ class QuantPlan:
         schema_version: see :data:`SCHEMA_VERSION`.
         bias_correction: node -> per-output-channel bias deltas added before lowering
             (:mod:`deployer.recovery`, Nagel et al. 2019).
+        smoothing: MatMul input tensor -> SmoothQuant factors (Xiao et al. 2023); the lowered graph
+            reads ``<tensor>__smoothed`` = tensor / factors, whose range the plan holds.
     """
 
     model: dict[str, Any]
@@ -199,6 +204,7 @@ class QuantPlan:
     provenance: dict[str, Any] = field(default_factory=dict)
     schema_version: str = SCHEMA_VERSION
     bias_correction: dict[str, list[float]] = field(default_factory=dict)
+    smoothing: dict[str, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
@@ -208,6 +214,11 @@ class QuantPlan:
             )
         if not isinstance(self.bias_correction, dict):
             raise PlanError("plan: 'bias_correction' must map node names to lists of numbers")
+        for tensor, factors in self.smoothing.items():
+            if not isinstance(factors, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in factors
+            ):
+                raise PlanError(f"plan: smoothing of tensor {tensor!r} must be a list of positive finite numbers")
         for node, deltas in self.bias_correction.items():
             if not isinstance(deltas, list) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in deltas
@@ -244,6 +255,7 @@ class QuantPlan:
             "shared_scales": [list(g) for g in self.shared_scales],
             "provenance": self.provenance,
             "bias_correction": {k: self.bias_correction[k] for k in sorted(self.bias_correction)},
+            "smoothing": {k: self.smoothing[k] for k in sorted(self.smoothing)},
         }
 
     def to_json(self) -> str:
@@ -257,6 +269,9 @@ class QuantPlan:
         version = data.get("schema_version")
         if version is None:
             raise PlanError("plan: missing 'schema_version'; regenerate the plan with `deploy plan`")
+        if not isinstance(version, str):
+            raise PlanError(f"plan: schema_version must be a string like {SCHEMA_VERSION!r}, not a "
+                            f"{type(version).__name__}; fix the plan file")
         data = migrate(dict(data))
         _check_keys("plan", data, cls)
         for key in ("model", "calibration", "recipe", "nodes", "ranges"):
@@ -279,6 +294,7 @@ class QuantPlan:
             ranges=ranges, shared_scales=[[str(t) for t in g] for g in shared],
             provenance=data.get("provenance", {}), schema_version=data["schema_version"],
             bias_correction=data.get("bias_correction", {}),
+            smoothing=data.get("smoothing", {}),
         )
 
     @classmethod
@@ -304,8 +320,10 @@ class QuantPlan:
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Upgrade an older plan dict to :data:`SCHEMA_VERSION`. Only 1.0 exists so far."""
-    return data
+    """Upgrade an older plan dict to :data:`SCHEMA_VERSION` (:mod:`deployer.plan_migrations`)."""
+    from deployer.plan_migrations import migrate as _migrate
+
+    return _migrate(data)
 
 
 def validate_against_model(plan: QuantPlan, node_types: dict[str, str], tensor_names: set[str]) -> None:
@@ -323,6 +341,10 @@ def validate_against_model(plan: QuantPlan, node_types: dict[str, str], tensor_n
             raise PlanError(f"plan: node {name!r} is not in the model; remove it or use the plan made for this model")
         if node_types[name] != dec.op_type:
             raise PlanError(f"plan: node {name!r} is {node_types[name]} in the model, not {dec.op_type}")
+    tensor_names = set(tensor_names) | {f"{t}__smoothed" for t in plan.smoothing}
+    for t in plan.smoothing:
+        if t not in tensor_names:
+            raise PlanError(f"plan: smoothing names tensor {t!r}, which is not in the model; remove it")
     for t in plan.ranges:
         if t not in tensor_names:
             raise PlanError(f"plan: tensor {t!r} is not in the model; remove its range or regenerate the plan")

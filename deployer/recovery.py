@@ -156,3 +156,87 @@ def apply_bias_correction(model: onnx.ModelProto, corrections: dict[str, list[fl
     del out.graph.initializer[:]
     out.graph.initializer.extend(keep)
     return out
+
+
+# -- SmoothQuant ------------------------------------------------------------------------------------
+
+DEFAULT_SMOOTHQUANT_ALPHA = 0.5
+
+
+def compute_smoothing(model: onnx.ModelProto, plan: QuantPlan, absmax: dict[str, np.ndarray],
+                      alpha: float = DEFAULT_SMOOTHQUANT_ALPHA) -> dict[str, list[float]]:
+    """SmoothQuant per-input-channel factors (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient
+    Post-Training Quantization for Large Language Models", eq. 4): for an INT8 ``MatMul(X, W)`` with a
+    constant 2-D ``W`` (K, N), ``s_k = max|X_k|^alpha / max_n |W_kn|^(1 - alpha)``; ``X`` is divided by
+    ``s`` and the rows of ``W`` multiplied by it, so the product is unchanged while activation outliers
+    move into the weights. MatMuls sharing one input share one ``s`` (max over their weights).
+
+    Args:
+        absmax: tensor -> per-last-axis max |x| from the calibration statistics.
+
+    Returns:
+        input tensor name -> list of K factors (the plan's ``smoothing``).
+    """
+    view = GraphView(model)
+    groups: dict[str, list[np.ndarray]] = {}
+    for node in model.graph.node:
+        dec = plan.nodes.get(node.name)
+        if node.op_type != "MatMul" or dec is None or dec.precision != Precision.INT8:
+            continue
+        w = view.constants.get(node.input[1])
+        if w is None or w.ndim != 2 or node.input[0] not in absmax:
+            continue
+        groups.setdefault(node.input[0], []).append(w)
+    out: dict[str, list[float]] = {}
+    for x, ws in groups.items():
+        a = np.asarray(absmax[x], dtype=np.float64)
+        wmax = np.max(np.stack([np.abs(w).max(axis=1) for w in ws]), axis=0).astype(np.float64)
+        if a.shape != wmax.shape:
+            continue
+        s = np.power(np.maximum(a, 1e-5), alpha) / np.power(np.maximum(wmax, 1e-5), 1.0 - alpha)
+        s = np.clip(s, 1e-2, 1e2)
+        out[x] = [float(v) for v in s]
+    return out
+
+
+def apply_smoothing(model: onnx.ModelProto, smoothing: dict[str, list[float]]) -> onnx.ModelProto:
+    """Insert ``Mul(x, 1/s)`` before the MatMuls reading ``x`` and scale their weight rows by ``s``.
+
+    The inserted Mul stays in float in every backend; the MatMul's input (the Mul output) is what gets
+    quantized. Weights shared with other consumers are copied.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    if not smoothing:
+        return out
+    view = GraphView(out)
+    new_nodes: list[onnx.NodeProto] = []
+    for node in out.graph.node:
+        x = node.input[0] if node.input else ""
+        if node.op_type == "MatMul" and x in smoothing and node.input[1] in view.constants:
+            s = np.asarray(smoothing[x], dtype=np.float64)
+            smoothed = f"{x}__smoothed"
+            if not any(n.output[0] == smoothed for n in new_nodes):
+                inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}__smooth_inv")
+                out.graph.initializer.append(inv)
+                new_nodes.append(onnx.helper.make_node("Mul", [x, inv.name], [smoothed], name=f"{x}__SmoothQuant"))
+            w = view.constants[node.input[1]].astype(np.float64) * s[:, None]
+            wi = numpy_helper.from_array(w.astype(np.float32), f"{node.input[1]}__smoothed_{node.name}")
+            out.graph.initializer.append(wi)
+            node.input[0] = smoothed
+            node.input[1] = wi.name
+        new_nodes.append(node)
+    from deployer.qdq import _toposort
+
+    del out.graph.node[:]
+    out.graph.node.extend(_toposort(new_nodes, {i.name for i in out.graph.input} | {i.name for i in out.graph.initializer}))
+    used = {i for n in out.graph.node for i in n.input}
+    kept = [i for i in out.graph.initializer if i.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    return out
+
+
+def prepare_for_lowering(reference: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
+    """The model every backend lowers: the reference with the plan's bias correction and smoothing."""
+    return apply_smoothing(apply_bias_correction(reference, plan.bias_correction), plan.smoothing)
