@@ -127,7 +127,11 @@ def only_layers(plan: QuantPlan, keep: Sequence[str]) -> QuantPlan:
 
 @dataclass
 class Evaluator:
-    """Runs a plan's Q/DQ simulation on fixed samples and scores it against FP32 (counts evaluations)."""
+    """Runs a plan's Q/DQ simulation on fixed samples and scores it against FP32 (counts evaluations).
+
+    ``model`` is the FP32 reference; each plan is lowered from it with its own weight adjustments
+    (:func:`deployer.recovery.prepare_for_lowering`).
+    """
 
     model: onnx.ModelProto
     samples: Sequence[Sample]
@@ -143,8 +147,10 @@ class Evaluator:
 
     def __call__(self, plan: QuantPlan) -> tuple[float, float]:
         """(metric, output-0 SQNR in dB)."""
+        from deployer.recovery import prepare_for_lowering
+
         self.evaluations += 1
-        lowered, _ = lower_qdq(self.model, plan, self.policy)
+        lowered, _ = lower_qdq(prepare_for_lowering(self.model, plan), plan, self.policy)
         out = onnx_runner(lowered, optimize=False)(self.samples)
         ref = self.reference()
         sq = sqnr_db(np.concatenate([r[0] for r in ref]), np.concatenate([o[0] for o in out]))
@@ -160,7 +166,7 @@ class SearchResult:
         kept: layers moved to high precision, most sensitive first.
         metric: metric of the chosen plan on the search samples.
         target: the fidelity target (fraction of FP32).
-        stopped_on: ``"target"`` or ``"budget"`` (or ``"all-int8"`` when no layer had to move).
+        stopped_on: ``"target"`` (met, possibly with no layer moved) or ``"budget"``.
         evaluations: evaluations spent (sensitivity + search).
         int8_mac_fraction: fraction of Conv/Gemm/MatMul MACs still INT8.
         sensitivity: ranked table rows (layer, op, sqnr_db, metric, macs), worst first.
@@ -195,13 +201,14 @@ def sensitivity(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator,
                      "sqnr_db": round(sq, 3) if np.isfinite(sq) else None, "macs": macs.get(name, 0)})
         if progress:
             progress(i + 1, len(names))
-    rows.sort(key=lambda r: (r["metric"], r["sqnr_db"] if r["sqnr_db"] is not None else float("inf")))
+    # SQNR first: finer-grained and less noisy than agreement on a few samples
+    rows.sort(key=lambda r: (r["sqnr_db"] if r["sqnr_db"] is not None else float("inf"), r["metric"]))
     return rows
 
 
 def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target: float = DEFAULT_FIDELITY_TARGET,
            budget: int = DEFAULT_BUDGET, high: Precision = Precision.FP16,
-           progress: Callable[[int, int], None] | None = None) -> SearchResult:
+           progress: Callable[[int, int], None] | None = None, rank_with: Evaluator | None = None) -> SearchResult:
     """Find a short list of layers to keep in ``high`` precision so that the metric >= ``target``.
 
     Args:
@@ -210,6 +217,8 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
         evaluate: the evaluator (samples, simulator policy, metric).
         target: fidelity target as a fraction of FP32 (the metric is already relative).
         budget: maximum search evaluations after the sensitivity pass (deterministic stop).
+        rank_with: a cheaper evaluator (fewer samples) for the one-layer-at-a-time ranking; default
+            ``evaluate``.
 
     Returns:
         :class:`SearchResult` (stopped on target or budget).
@@ -217,9 +226,9 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
     macs = node_macs(model)
     base_metric, _ = evaluate(plan)
     if base_metric >= target:
-        return SearchResult(plan, [], base_metric, target, "all-int8", evaluate.evaluations,
+        return SearchResult(plan, [], base_metric, target, "target", evaluate.evaluations,
                             int8_mac_fraction(plan, macs), [])
-    table = sensitivity(plan, model, evaluate, macs, progress)
+    table = sensitivity(plan, model, rank_with or evaluate, macs, progress)
     order = [r["layer"] for r in table]
     reason = f"mixed-precision search: kept in {high.value} to reach fidelity target {target}"
     tried: dict[int, float] = {0: base_metric}
@@ -255,5 +264,6 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
         best = max(tried, key=lambda j: (tried[j], -j))
         stopped = "budget"
     final = with_precision(plan, order[:best], high, reason)
-    return SearchResult(final, order[:best], tried[best], target, stopped, evaluate.evaluations,
+    spent_total = evaluate.evaluations + (rank_with.evaluations if rank_with is not None else 0)
+    return SearchResult(final, order[:best], tried[best], target, stopped, spent_total,
                         int8_mac_fraction(final, macs), table)

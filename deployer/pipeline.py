@@ -530,7 +530,6 @@ def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: l
     Returns the new plan and the report's ``mixed_precision`` section.
     """
     from deployer.mixed import DEFAULT_SIMULATION_POLICY, Evaluator, relative_metric, search
-    from deployer.recovery import prepare_for_lowering
 
     if not 0.0 < float(opts.fidelity_target or 0) <= 1.0:
         raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
@@ -542,16 +541,17 @@ def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: l
         if p is not None:
             policy, simulated_by = p, f"{b.name} Q/DQ policy"
             break
-    prepared = prepare_for_lowering(inputs.reference, plan)
-    n = min(len(inputs.calibration), 64)
-    step = max(1, len(inputs.calibration) // n)
-    samples = list(inputs.calibration)[::step][:n]
-    ev = Evaluator(prepared, samples, policy, relative_metric(inputs.task))
-    res = search(plan, prepared, ev, target=float(opts.fidelity_target or 0), budget=opts.search_budget,
-                 progress=lambda d, t: progress("sensitivity", d, t))
+    cal = list(inputs.calibration)
+    search_samples = cal[:: max(1, len(cal) // 128)][:128]
+    rank_samples = search_samples[::4]
+    metric = relative_metric(inputs.task)
+    ev = Evaluator(inputs.reference, search_samples, policy, metric)
+    ranker = Evaluator(inputs.reference, rank_samples, policy, metric)
+    res = search(plan, inputs.reference, ev, target=float(opts.fidelity_target or 0), budget=opts.search_budget,
+                 rank_with=ranker, progress=lambda d, t: progress("sensitivity", d, t))
     section = res.to_dict()
-    section.update({"simulated_with": simulated_by, "search_samples": f"{len(samples)} calibration samples "
-                    "(never the held-out set)", "metric": "top1_agreement" if inputs.task == "classification"
+    section.update({"simulated_with": simulated_by, "search_samples": f"{len(search_samples)} calibration samples "
+                    f"(never the held-out set); sensitivity ranked on {len(rank_samples)} of them", "metric": "top1_agreement" if inputs.task == "classification"
                     else "cosine_mean"})
     new_plan = res.plan.with_nodes(res.plan.nodes, {**res.plan.recipe, "search": {
         "fidelity_target": opts.fidelity_target, "budget": opts.search_budget, "kept": res.kept}})

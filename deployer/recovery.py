@@ -238,5 +238,10 @@ def apply_smoothing(model: onnx.ModelProto, smoothing: dict[str, list[float]]) -
 
 
 def prepare_for_lowering(reference: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """The model every backend lowers: the reference with the plan's bias correction and smoothing."""
-    return apply_smoothing(apply_bias_correction(reference, plan.bias_correction), plan.smoothing)
+    """The model every backend lowers: the reference with the plan's bias correction and smoothing.
+
+    A bias correction compensates the rounding of an INT8 weight, so it applies only to nodes the
+    plan keeps in INT8 (a layer moved to FP16 by the search keeps its original bias).
+    """
+    corrections = {n: d for n, d in plan.bias_correction.items() if plan.precision_of(n) == Precision.INT8}
+    return apply_smoothing(apply_bias_correction(reference, corrections), plan.smoothing)

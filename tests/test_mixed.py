@@ -117,7 +117,7 @@ def _search(setup, target: float, budget: int):  # type: ignore[no-untyped-def]
 
 def test_search_meets_target_with_few_layers(setup) -> None:  # type: ignore[no-untyped-def]
     r = _search(setup, target=0.995, budget=24)
-    assert r.stopped_on in ("target", "all-int8")
+    assert r.stopped_on == "target"
     assert r.metric >= 0.995
     # fc1's outlier weight makes its output channel 0 huge: fc2, whose int8 input carries that range,
     # is the most sensitive layer
