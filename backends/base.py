@@ -70,6 +70,7 @@ class Artifact:
         notes: human-readable notes (steps not run, deviations from the plan).
         files: other files written (build commands, logs, deploy forms), relative names.
         extra: backend-specific report fields (I/O quantization, deviations, commands).
+        throughput: optional speed measurement on held-out samples (``throughput_qps`` in the report).
     """
 
     path: Path
@@ -80,6 +81,8 @@ class Artifact:
     notes: list[str] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    throughput: Callable[[Sequence[Sample]], dict[str, Any]] | None = None
+    """Measures FP32 vs artifact speed on held-out samples (report ``throughput_qps``), or None."""
 
 
 class Backend(Protocol):

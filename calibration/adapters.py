@@ -158,7 +158,7 @@ def preprocess_image(img: Any, spec: ImageSpec, rng: np.random.Generator) -> np.
     else:
         top, left = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
     a = np.asarray(img.crop((left, top, left + cw, top + ch)), np.float32)
-    a = (a * spec.scale + spec.offset - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    a = (a * spec.scale + spec.offset - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)  # type: ignore[assignment]
     if spec.layout == "NCHW":
         a = a.transpose(2, 0, 1)
     dt = np.dtype(spec.dtype)
@@ -209,7 +209,7 @@ def read_lines(paths: str | Path | Sequence[str | Path]) -> list[str]:
         p = Path(paths)
         paths = sorted(p.glob("*.txt")) if p.is_dir() else [p]
     lines: list[str] = []
-    for p in paths:
+    for p in paths:  # type: ignore[assignment]
         try:
             lines += [ln.strip() for ln in Path(p).read_text(encoding="utf-8", errors="replace").splitlines()]
         except OSError as e:

@@ -16,7 +16,7 @@ import onnx
 from calibration.dataset import Sample
 from calibration.histogram import DEFAULT_BINS
 from calibration.observers import DEFAULT_EMA_BATCH, DEFAULT_EMA_MOMENTUM, STATS_FORMAT, Statistics, TensorStats
-from deployer.errors import BadInputError
+from deployer.errors import BadInputError, UnsupportedModelError
 
 
 class DegenerateRangeWarning(UserWarning):
@@ -110,7 +110,12 @@ def collect_statistics(
         bmax: dict[str, float] = {}
         for idx, s in enumerate(chunk, start):
             _check_finite(s, idx)
-            outs = sess.run(out_names, s)
+            try:
+                outs = sess.run(out_names, s)
+            except Exception as e:  # onnxruntime's errors: the model cannot run on this sample
+                msg = " ".join(str(e).split())[:300] or type(e).__name__
+                raise UnsupportedModelError(f"ONNX Runtime fails on calibration sample {idx}: {msg}; "
+                                            f"fix the model or the data") from None
             pairs = [(n, np.asarray(v)) for n, v in zip(out_names, outs) if n in observed]
             pairs += [(n, np.asarray(s[n])) for n in input_names if n in observed]
             for n, v in pairs:

@@ -30,7 +30,7 @@ from calibration.cache import cached_statistics
 from calibration.dataset import CalibrationSet, from_iterable, sha256_file
 from calibration.observers import DEFAULT_EMA_MOMENTUM, OBSERVERS, Statistics, reduce_range
 from deployer import __version__
-from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError
+from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
 from deployer.gates import evaluate_gates, failed
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
@@ -205,7 +205,7 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     if dynamic:
         raise BadInputError(f"model input(s) {dynamic} have dynamic dimensions; export with static shapes")
     cal = _user_calibration(calib, ref)
-    check_runnable(ref, cal[0], source)
+    check_runnable(ref, source)
     n = len(cal)
     if n >= 5:
         k = max(1, n // 5)
@@ -475,7 +475,11 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         log(f"mixed-precision search for fidelity target {opts.fidelity_target} ...")
         the_plan, search_result = run_search(inputs, the_plan, opts, [backends[t] for t in targets], progress)
     ref_run = onnx_runner(inputs.reference)
-    ref_out = ref_run(inputs.heldout)
+    try:
+        ref_out = ref_run(inputs.heldout)
+    except Exception as e:  # onnxruntime's errors: the reference cannot run on the held-out data
+        raise UnsupportedModelError(f"ONNX Runtime fails to run the FP32 model on the held-out samples: "
+                                    f"{' '.join(str(e).split())[:300]}; fix the model or the data") from None
     out_names = [o.name for o in inputs.reference.graph.output]
     results: dict[str, TargetResult] = {}
     from deployer.recovery import prepare_for_lowering

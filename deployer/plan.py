@@ -214,6 +214,8 @@ class QuantPlan:
             )
         if not isinstance(self.bias_correction, dict):
             raise PlanError("plan: 'bias_correction' must map node names to lists of numbers")
+        if not isinstance(self.smoothing, dict):
+            raise PlanError("plan: 'smoothing' must map tensor names to lists of positive numbers")
         for tensor, factors in self.smoothing.items():
             if not isinstance(factors, list) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in factors

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -47,6 +48,12 @@ class QdqPolicy:
         fp16: lower FP16 nodes as fp16 tensors with Casts (else leave them FP32).
         skip_node: predicate for INT8 nodes to leave unquantized (e.g. GEMV-shaped MatMul).
         opset: ai.onnx opset the output declares (>= 13 for per-channel Q/DQ).
+        activation_dtype: ``"int8"`` (default) or ``"uint8"`` activations (ONNX Runtime's U8S8 kernels on
+            x86; asymmetric uint8 uses [0, 255], symmetric uint8 zero point 128).
+        weight_qmax: largest weight magnitude, 127 (default) or 63 for ONNX Runtime's ``reduce_range``
+            (7-bit weights keep u8s8 pair sums inside int16 on x86 CPUs without VNNI).
+        weight_dtype: ``"int8"`` (default) or ``"uint8"``: the same symmetric values stored with zero point
+            128 (ONNX Runtime's U8U8 kernels, exact on every x86 CPU).
     """
 
     weighted_ops: frozenset[str]
@@ -59,6 +66,9 @@ class QdqPolicy:
     fp16: bool = False
     skip_node: Callable[[onnx.NodeProto, GraphView], bool] | None = None
     opset: int = 17
+    activation_dtype: str = "int8"
+    weight_qmax: int = 127
+    weight_dtype: str = "int8"
 
 
 @dataclass
@@ -155,15 +165,19 @@ def lower_qdq(model: onnx.ModelProto, plan: QuantPlan, policy: QdqPolicy) -> tup
             axis = policy.per_channel(node, w) if dec.weight.granularity == Granularity.PER_CHANNEL else None
             wname = node.input[widx]
             if axis is None:
-                scale = np.array(symmetric_scale(float(w.min()), float(w.max())), dtype=np.float32)
+                scale = np.array(symmetric_scale(float(w.min()), float(w.max()), policy.weight_qmax),
+                                 dtype=np.float32)
             else:
-                scale = per_channel_scales(w, axis)
-            q = quantize(w, scale, 0, -127, 127, axis=axis).astype(np.int8)
+                scale = per_channel_scales(w, axis, policy.weight_qmax)
+            q = quantize(w, scale, 0, -policy.weight_qmax, policy.weight_qmax, axis=axis).astype(np.int8)
             base = f"{node.name}.weight"
             s_init = numpy_helper.from_array(scale, f"{base}_scale")
             z_init = numpy_helper.from_array(np.zeros(scale.shape, np.int8), f"{base}_zero_point")
+            if policy.weight_dtype == "uint8":
+                q = (q.astype(np.int16) + 128).astype(np.uint8)  # type: ignore[assignment]
+                z_init = numpy_helper.from_array(np.full(scale.shape, 128, np.uint8), f"{base}_zero_point")
             new_inits += [s_init, z_init]
-            dq_attrs = {"axis": axis} if axis is not None else {}
+            dq_attrs: dict[str, Any] = {"axis": axis} if axis is not None else {}
             if policy.weight_as_qdq:
                 q_node = helper.make_node("QuantizeLinear", [wname, s_init.name, z_init.name], [f"{base}_q"],
                                           name=f"{base}_QuantizeLinear", **dq_attrs)
@@ -195,13 +209,14 @@ def lower_qdq(model: onnx.ModelProto, plan: QuantPlan, policy: QdqPolicy) -> tup
     # 2. one tied Q/DQ pair per requested tensor
     for t, consumers in act_requests.items():
         lo, hi = shared.get(t) or (plan.ranges[t].min, plan.ranges[t].max)
+        unsigned = policy.activation_dtype == "uint8"
         if policy.symmetric_activations:
-            scale, zp = symmetric_scale(lo, hi), 0
+            scale, zp = symmetric_scale(lo, hi), (128 if unsigned else 0)  # type: ignore[assignment]
         else:
-            scale, zp = asymmetric_params(lo, hi)
+            scale, zp = asymmetric_params(lo, hi, 0, 255) if unsigned else asymmetric_params(lo, hi)  # type: ignore[assignment]
         key = _safe(t)
         s_init = numpy_helper.from_array(np.array(scale, np.float32), f"{key}_scale")
-        z_init = numpy_helper.from_array(np.array(zp, np.int8), f"{key}_zero_point")
+        z_init = numpy_helper.from_array(np.array(zp, np.uint8 if unsigned else np.int8), f"{key}_zero_point")
         new_inits += [s_init, z_init]
         qn = helper.make_node("QuantizeLinear", [t, s_init.name, z_init.name], [f"{key}_quantized"],
                               name=f"{key}_QuantizeLinear")
@@ -297,14 +312,14 @@ def _lower_fp16(model: onnx.ModelProto, fp16_names: set[str], types: dict[str, i
                     continue
                 if t in inits and inits[t].data_type == TensorProto.FLOAT:
                     if t not in const16:
-                        arr = numpy_helper.to_array(inits[t]).astype(np.float16)
+                        arr = _to_fp16(numpy_helper.to_array(inits[t]))
                         c = numpy_helper.from_array(arr, f"{t}__fp16")
                         g.initializer.append(c)
                         const16[t] = c.name
                     n.input[i] = const16[t]
                 elif t in view.constants and view.producer.get(t) is not None and view.constants[t].dtype == np.float32:
                     if t not in const16:
-                        c = numpy_helper.from_array(view.constants[t].astype(np.float16), f"{t}__fp16")
+                        c = numpy_helper.from_array(_to_fp16(view.constants[t]), f"{t}__fp16")
                         g.initializer.append(c)
                         const16[t] = c.name
                     n.input[i] = const16[t]
@@ -333,6 +348,16 @@ def _lower_fp16(model: onnx.ModelProto, fp16_names: set[str], types: dict[str, i
     del g.node[:]
     g.node.extend(_toposort(new_nodes, {i.name for i in g.input} | {i.name for i in g.initializer}))
     del g.value_info[:]
+
+
+def _to_fp16(arr: np.ndarray) -> np.ndarray:
+    """fp32 constant -> fp16, saturating at the fp16 limits (+-65504) instead of overflowing to inf.
+
+    Attention-mask constants hold the float32 minimum; cast plainly they become -inf and
+    ``0 * -inf`` yields NaN. Saturating is what onnxconverter-common's float16 converter does.
+    """
+    info = np.finfo(np.float16)
+    return np.clip(arr, info.min, info.max).astype(np.float16)
 
 
 def _inputs_typed_like_outputs(node: onnx.NodeProto, opset: int) -> list[bool]:

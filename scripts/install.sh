@@ -5,7 +5,8 @@
 #   FORCE=1 bash scripts/install.sh    # re-run every pip step even if the stamp says up to date
 #
 # Steps, in this order (each is skipped when already done):
-#   1. Debian packages (fortune-mod, fortunes: texts for the text examples) via apt-get, only as root.
+#   1. Debian packages via apt-get, only as root: fortune-mod, fortunes (texts for the text examples),
+#      chromium (the report.html rendering test; skipped there when absent).
 #   2. .venv with python3.11 (or python3 >= 3.11), pip upgraded to the pinned version.
 #   3. torch==2.13.0 FIRST: this resolves to the CPU wheel on these machines; any other torch
 #      requirement makes pip download a multi-GB CUDA build.
@@ -18,7 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.deployer-install"
-APT_PACKAGES=(fortune-mod fortunes)
+APT_PACKAGES=(fortune-mod fortunes chromium)
 TORCH_PIN="torch==2.13.0"
 EXTRAS="tflite,tensorrt,ascend,examples,test"
 # Their published dependencies would pull CUDA torch, sentence-transformers or pandas; what they
@@ -46,11 +47,11 @@ if ((${#apt_missing[@]})); then
     say "apt-get install ${apt_missing[*]}"
     if ! { DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
       DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}"; } >/dev/null; then
-      say "WARNING: apt-get failed; the text examples need: apt-get install ${apt_missing[*]}"
+      say "WARNING: apt-get failed; the text examples and the report.html test need: apt-get install ${apt_missing[*]}"
     fi
   else
     say "WARNING: not root (or no apt-get): skipping Debian packages ${apt_missing[*]};" \
-      "the text examples need them (sudo apt-get install ${apt_missing[*]})"
+      "the text examples and the report.html test need them (sudo apt-get install ${apt_missing[*]})"
   fi
 fi
 

@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import shlex
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 
 from backends.base import Artifact, LoweringContext, onnx_runner
+from backends.tensorrt.checker import check_model
+from backends.tensorrt.engine import (EngineOptions, polygraphy_compare_argv, polygraphy_convert_argv,
+                                      tensorrt_version, trtexec_argv)
 from deployer.errors import ExternalToolError
+from deployer.findings import Finding
 from deployer.graph import GraphView
-from deployer.qdq import QdqPolicy, lower_qdq
+from deployer.plan import QuantPlan
+from deployer.qdq import LoweringRecord, QdqPolicy, lower_qdq
+from deployer.recipe import PRESETS, decide
 
 TRT_OPSET = 17
 
@@ -63,14 +70,42 @@ POLICY = QdqPolicy(
 )
 
 
-def trtexec_argv(onnx_path: str, engine_path: str, timing_cache: str = "timing.cache") -> list[str]:
-    """The ``trtexec`` command that builds the strongly typed engine (TensorRT 10.x/11.x)."""
-    return ["trtexec", f"--onnx={onnx_path}", "--stronglyTyped", f"--saveEngine={engine_path}",
-            f"--timingCacheFile={timing_cache}"]
+MASK_RANGE_LIMIT = 1e4
+"""Activation ranges beyond this magnitude come from attention-mask paths (-inf / float-min fills,
+DESIGN.md section 3): an INT8 scale from them would zero every real value, so they are not quantized."""
+
+
+def without_mask_ranges(plan: QuantPlan) -> tuple[QuantPlan, list[str]]:
+    """The plan without ranges of attention-mask tensors, and the names dropped.
+
+    A tensor without a range is left in float by :func:`deployer.qdq.lower_qdq` (and recorded as skipped).
+    """
+    drop = sorted(t for t, r in plan.ranges.items() if max(abs(r.min), abs(r.max)) > MASK_RANGE_LIMIT)
+    if not drop:
+        return plan, []
+    keep = {t: r for t, r in plan.ranges.items() if t not in drop}
+    return plan.with_ranges(keep), drop
+
+
+def lower_strongly_typed(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, LoweringRecord]:
+    """The plan as a strongly typed ONNX under TensorRT's rules (:data:`POLICY`), mask paths left in float.
+
+    Returns:
+        (lowered model, record); mask-path tensors appear in ``record.skipped`` with their reason.
+    """
+    trimmed, mask_path = without_mask_ranges(plan)
+    out, record = lower_qdq(model, trimmed, POLICY)
+    reason = f"attention-mask path (calibrated |range| > {MASK_RANGE_LIMIT:g}): left in float"
+    for s in record.skipped:
+        if s["tensor"] in mask_path:
+            s["reason"] = reason
+    return out, record
 
 
 class TensorRTBackend:
     """Strongly typed FP16+INT8 ONNX for TensorRT, plus the engine where TensorRT is installed."""
+
+    qdq_policy = POLICY
 
     name = "tensorrt"
     description = "strongly typed ONNX (INT8 Q/DQ + FP16) for TensorRT 10/11; engine where TensorRT is installed"
@@ -82,46 +117,76 @@ class TensorRTBackend:
             return False, "onnxruntime is not installed; pip install -e '.[tensorrt]'"
         return True, ""
 
+    def check(self, model: onnx.ModelProto) -> list[Finding]:
+        """TensorRT parser and placement rules (:mod:`backends.tensorrt.checker`) on any ONNX model."""
+        return check_model(model)
+
     def lower(self, ctx: LoweringContext) -> Artifact:
-        model, record = lower_qdq(ctx.reference, ctx.plan, POLICY)
+        model, record = lower_strongly_typed(ctx.reference, ctx.plan)
         d = ctx.out_dir / "tensorrt"
         d.mkdir(parents=True, exist_ok=True)
         path = d / "model_strongly_typed.onnx"
         onnx.save(model, str(path))
         fp32_path = d / "model_fp32.onnx"
         onnx.save(ctx.fp32, str(fp32_path))
-        argv = trtexec_argv(path.name, "model.engine")
+        options = EngineOptions.from_backend_options(ctx.options, d / "timing.cache")
+        engine_name = "model.engine"
+        argv = trtexec_argv(path.name, engine_name, options)
+        poly = polygraphy_convert_argv(path.name, engine_name, options)
         script = d / "build_engine.sh"
-        script.write_text("#!/bin/sh\n# Build the strongly typed TensorRT engine (TensorRT 10.x / 11.x)\nset -e\n"
-                          'cd "$(dirname "$0")"\n' + shlex.join(argv) + "\n", encoding="utf-8")
+        script.write_text("#!/bin/sh\n# Build the strongly typed TensorRT engine (TensorRT 10.x / 11.x).\n"
+                          "# Equivalent: " + shlex.join(poly) + "\n"
+                          "# Compare with ONNX Runtime: " + shlex.join(polygraphy_compare_argv(path.name, options)) +
+                          "\nset -e\ncd \"$(dirname \"$0\")\"\n" + shlex.join(argv) + "\n", encoding="utf-8")
         script.chmod(0o755)
+        findings = check_model(model)
         notes = []
-        engine = self._build_engine(path)
-        if engine is None:
-            notes.append("engine: not built (TensorRT not installed); build it with build_engine.sh: " + shlex.join(argv))
+        errors = [f for f in findings if f.severity == "error"]
+        if errors:
+            notes.append(f"checker: {len(errors)} TensorRT rule violation(s) in the lowered graph: {errors[0]}")
+        if record.skipped:
+            notes.append(f"{len(record.skipped)} plan decision(s) left in float by TensorRT placement rules "
+                         "(see 'skipped')")
+        extra: dict[str, Any] = {
+            "build_command": argv, "polygraphy_command": poly, "tensorrt": tensorrt_version(),
+            "checker": {"errors": len(errors), "warnings": len(findings) - len(errors),
+                        "findings": [f.to_dict() for f in findings]},
+            "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),
+            "fp16_nodes": record.fp16_nodes, "skipped": record.skipped, "engine": None,
+        }
+        if extra["tensorrt"] is None:
+            notes.append("engine: not built (TensorRT is not installed here); build it on a GPU host with "
+                         "build_engine.sh: " + shlex.join(argv) + " (or: " + shlex.join(poly) + ")")
+        else:
+            extra["engine"] = self._engines(ctx, path, fp32_path, options)
         return Artifact(
             path=path, fp32_path=fp32_path, run=onnx_runner(model, optimize=False), fp32_run=None,
-            verified_by=f"ONNX Runtime {_ort_version()} (CPU, graph optimizations off: exact Q/DQ arithmetic) running the strongly typed graph",
-            notes=notes, files=[script],
-            extra={"engine": str(engine.name) if engine else None, "build_command": argv,
-                   "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),
-                   "fp16_nodes": record.fp16_nodes, "skipped": record.skipped},
+            verified_by=f"ONNX Runtime {_ort_version()} (CPU, graph optimizations off: exact Q/DQ arithmetic) "
+                        "running the strongly typed graph",
+            notes=notes, files=[script], extra=extra,
         )
 
-    def _build_engine(self, onnx_path: Path) -> Path | None:
-        try:
-            import tensorrt  # noqa: F401
-        except ImportError:
-            return None
-        from backends.tensorrt.engine import build_engine
+    def _engines(self, ctx: LoweringContext, path: Path, fp32_path: Path, options: EngineOptions) -> dict[str, Any]:
+        """Build FP32, FP16 and the plan's INT8+FP16 engines; compare each with ONNX Runtime (Polygraphy)."""
+        from backends.tensorrt.engine import build_engine, compare_engine
 
-        try:
-            return build_engine(onnx_path, onnx_path.with_name("model.engine"))
-        except ExternalToolError:
-            raise
-        except Exception as e:  # e.g. no CUDA device: TensorRT raises plain exceptions
-            raise ExternalToolError(f"TensorRT engine build failed: {type(e).__name__}: {e}; run build_engine.sh "
-                                    f"on a machine with an NVIDIA GPU") from None
+        fp16_model, _ = lower_qdq(ctx.fp32, ctx.plan.with_nodes(decide(ctx.fp32, PRESETS["fp16"])), POLICY)
+        fp16_path = path.with_name("model_fp16.onnx")
+        onnx.save(fp16_model, str(fp16_path))
+        samples = list(ctx.calibration)[:64]
+        out: dict[str, Any] = {}
+        for label, src, engine in (("int8_fp16", path, "model.engine"), ("fp16", fp16_path, "model_fp16.engine"),
+                                   ("fp32", fp32_path, "model_fp32.engine")):
+            try:
+                built = build_engine(src, path.with_name(engine), options)
+            except ExternalToolError:
+                raise
+            except Exception as e:  # e.g. no CUDA device: TensorRT raises plain exceptions
+                raise ExternalToolError(f"TensorRT engine build failed for {src.name}: {type(e).__name__}: {e}; "
+                                        "run build_engine.sh on a machine with an NVIDIA GPU") from None
+            out[label] = {"engine": built.name, "build_log": built.with_suffix(".build.log").name,
+                          "vs_onnxruntime": compare_engine(built, src, samples)}
+        return out
 
 
 def _ort_version() -> str:

@@ -30,7 +30,7 @@ TIED_OPS = {"RESHAPE", "MAX_POOL_2D", "AVERAGE_POOL_2D", "CONCATENATION", "PAD",
             "EXPAND_DIMS", "GATHER", "SLICE", "STRIDED_SLICE", "SPLIT", "DEPTH_TO_SPACE", "SPACE_TO_DEPTH"}
 FIXED_OUTPUT = {"SOFTMAX": (1 / 256, -128), "LOGISTIC": (1 / 256, -128), "TANH": (1 / 128, 0)}
 BIAS_OPS = {"CONV_2D": (1, 2), "DEPTHWISE_CONV_2D": (1, 2), "FULLY_CONNECTED": (1, 2), "TRANSPOSE_CONV": (1, 3)}
-_NAME = re.compile(r"^onnxt(\d+)x")
+_NAME = re.compile(r"onnxt(\d+)x")
 
 
 @dataclass
@@ -48,15 +48,34 @@ def _opnames() -> dict[int, str]:
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
 
+def _str(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def activation_params(lo: float, hi: float, int16: bool) -> tuple[float, int]:
+    """(scale, zero point) of a range: int8 asymmetric, or int16 symmetric (zero point 0) in 16x8 mode."""
+    if not int16:
+        return asymmetric_params(lo, hi)
+    m = max(abs(lo), abs(hi), 1e-8)
+    return m / 32767.0, 0
+
+
 def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: list[str],
-                      output_names: list[str], input_names: list[str]) -> tuple[bytes, PlanApplication]:
+                      output_names: list[str], input_names: list[str],
+                      per_tensor: bool = False) -> tuple[bytes, PlanApplication]:
     """Rewrite activation quantization parameters from ``plan``.
+
+    Works on int8 models (activations int8 asymmetric) and 16x8 models (activations int16 symmetric);
+    model inputs/outputs may be int8, uint8 (the converter's QUANTIZE op shifts the zero point by 128)
+    or float (QUANTIZE/DEQUANTIZE at the boundary).
 
     Args:
         tflite_bytes: a full-integer model from the TFLite converter.
         plan: the plan whose ``ranges`` to apply.
         onnx_tensor_by_id: ONNX node-output names indexed by the ``k`` of ``onnxt<k>x``.
         output_names / input_names: ONNX graph outputs/inputs in order (matched by position).
+        per_tensor: store weights whose per-channel scales are all equal (the converter's output with
+            per-channel quantization disabled) with one scale, as TFLite Micro's FULLY_CONNECTED requires.
 
     Returns:
         (new flatbuffer bytes, :class:`PlanApplication`).
@@ -68,18 +87,38 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
     opname = _opnames()
     sg = model.subgraphs[0]
     res = PlanApplication()
+    act_types = {schema.TensorType.INT8, schema.TensorType.INT16}
+    int16 = schema.TensorType.INT16
+
+    def code_of(op: Any) -> str:
+        oc = model.operatorCodes[op.opcodeIndex]
+        return opname.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "?")
+
+    # graph inputs/outputs by position; through the boundary QUANTIZE/DEQUANTIZE ops of uint8/float I/O
+    boundary: dict[int, str] = {}
+    io_pairs: list[tuple[int, int]] = []  # (uint8/float I/O tensor, internal int tensor)
+    g_in, g_out = [int(i) for i in sg.inputs], [int(o) for o in sg.outputs]
+    boundary.update(zip(g_in, input_names))
+    boundary.update(zip(g_out, output_names))
+    for op in sg.operators:
+        code = code_of(op)
+        if code not in ("QUANTIZE", "DEQUANTIZE"):
+            continue
+        i, o = int(op.inputs[0]), int(op.outputs[0])
+        if i in g_in and i in boundary:
+            boundary[o] = boundary[i]
+            io_pairs.append((i, o))
+        if o in g_out and o in boundary:
+            boundary[i] = boundary[o]
+            io_pairs.append((o, i))
 
     def onnx_name(ti: int) -> str | None:
-        if ti in list(sg.outputs):
-            return output_names[list(sg.outputs).index(ti)]
-        if ti in list(sg.inputs):
-            return input_names[list(sg.inputs).index(ti)]
-        raw = sg.tensors[ti].name
-        name = raw.decode() if isinstance(raw, bytes) else str(raw)
-        m = _NAME.match(name)
-        if m and int(m.group(1)) < len(onnx_tensor_by_id):
-            return onnx_tensor_by_id[int(m.group(1))]
-        return None
+        if ti in boundary:
+            return boundary[ti]
+        ks = [int(k) for k in _NAME.findall(_str(sg.tensors[ti].name))]
+        ks = [k for k in ks if k < len(onnx_tensor_by_id)]
+        # a fused tensor (conv + bias + relu6) carries several names: the last ONNX tensor is its value
+        return onnx_tensor_by_id[max(ks)] if ks else None
 
     def params(ti: int) -> tuple[list[float], list[int]]:
         q = sg.tensors[ti].quantization
@@ -96,36 +135,45 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
 
     producers: dict[int, str] = {}
     for op in sg.operators:
-        code = opname.get(model.operatorCodes[op.opcodeIndex].builtinCode, "?")
         for o in op.outputs:
-            producers[int(o)] = code
+            producers[int(o)] = code_of(op)
+
+    def is_activation(ti: int) -> bool:
+        t = sg.tensors[ti]
+        if t.type not in act_types or t.quantization is None or t.quantization.scale is None:
+            return False
+        if len(t.quantization.scale) != 1:
+            return False
+        return not (t.buffer and model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data))
 
     # 1. activations with a plan range
-    int8 = schema.TensorType.INT8
     for ti, t in enumerate(sg.tensors):
-        if t.type != int8 or t.quantization is None or t.quantization.scale is None or len(t.quantization.scale) != 1:
+        if not is_activation(ti):
             continue
-        if t.buffer and model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data):
-            continue  # a constant
         name = onnx_name(ti)
         prod = producers.get(ti)
         if name is None:
-            res.unmapped.append(t.name.decode() if isinstance(t.name, bytes) else str(t.name))
+            res.unmapped.append(_str(t.name))
             continue
         r = plan.range_of(name)
         if r is None:
+            res.unmapped.append(_str(t.name))
             continue
         if prod in FIXED_OUTPUT or prod in TIED_OPS:
             res.deviations.append({"tensor": name, "op": prod,
                                    "reason": "TFLite spec fixes this tensor's parameters (kept the spec's)"})
             continue
-        scale, zp = asymmetric_params(r.min, r.max)
+        scale, zp = activation_params(r.min, r.max, t.type == int16)
         set_params(ti, scale, zp)
         res.from_plan += 1
 
     # 2. tied ops: output (and for CONCATENATION all inputs) share the first input's parameters
     for op in sg.operators:
-        code = opname.get(model.operatorCodes[op.opcodeIndex].builtinCode, "?")
+        code = code_of(op)
+        outs = [int(o) for o in op.outputs if is_activation(int(o))]
+        if not outs:
+            continue
+        wide = sg.tensors[outs[0]].type == int16
         if code == "CONCATENATION":
             # one scale for all inputs and the output: the union of the inputs' ranges
             lo, hi = 0.0, 0.0
@@ -137,24 +185,43 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
                     continue
                 s, z = params(int(i))
                 if len(s) == 1:
-                    lo, hi = min(lo, (-128 - z[0]) * s[0]), max(hi, (127 - z[0]) * s[0])
-            scale, zp = asymmetric_params(lo, hi)
+                    qmin, qmax = (-32767, 32767) if wide else (-128, 127)
+                    lo, hi = min(lo, (qmin - z[0]) * s[0]), max(hi, (qmax - z[0]) * s[0])
+            scale, zp = activation_params(lo, hi, wide)
             for t in list(op.inputs) + list(op.outputs):
                 set_params(int(t), scale, zp)
             continue
         if code in TIED_OPS and len(op.inputs) and op.inputs[0] >= 0:
             s, z = params(int(op.inputs[0]))
             if len(s) == 1:
-                for o in op.outputs:
-                    set_params(int(o), s[0], z[0])
-        if code in FIXED_OUTPUT:
+                for o in outs:
+                    set_params(o, s[0], z[0])
+        if code in FIXED_OUTPUT and not wide:  # int16: the converter already wrote the spec's values
             s_fixed, z_fixed = FIXED_OUTPUT[code]
-            for o in op.outputs:
-                set_params(int(o), s_fixed, z_fixed)
+            for o in outs:
+                set_params(o, s_fixed, z_fixed)
 
-    # 3. int32 biases follow input_scale * weight_scale
+    # 3. uint8 model inputs/outputs: the same real range as the int8 tensor beside them, zero point + 128
+    for io_t, inner in io_pairs:
+        if sg.tensors[io_t].type == schema.TensorType.UINT8 and is_activation(inner):
+            s, z = params(inner)
+            set_params(io_t, s[0], z[0] + 128)
+
+    # 4. per-tensor weights: one scale and zero point instead of C equal ones
+    if per_tensor:
+        for t in sg.tensors:
+            q = t.quantization
+            if q is None or q.scale is None or len(q.scale) < 2 or t.type != schema.TensorType.INT8:
+                continue
+            sc = np.asarray(q.scale, np.float64)
+            if sc.max() - sc.min() <= 1e-6 * sc.max():  # equal up to float rounding
+                q.scale = np.asarray([sc.max()], np.float32)
+                q.zeroPoint = np.asarray(q.zeroPoint[:1], np.int64)
+                q.quantizedDimension = 0
+
+    # 5. integer biases follow input_scale * weight_scale
     for op in sg.operators:
-        code = opname.get(model.operatorCodes[op.opcodeIndex].builtinCode, "?")
+        code = code_of(op)
         if code not in BIAS_OPS:
             continue
         w_idx, b_idx = BIAS_OPS[code]
@@ -163,20 +230,76 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
             continue
         x_t, w_t, b_t = int(op.inputs[in_idx]), int(op.inputs[w_idx]), int(op.inputs[b_idx])
         bias = sg.tensors[b_t]
-        if bias.type != schema.TensorType.INT32:
+        bias_dtype = {schema.TensorType.INT32: np.int32, schema.TensorType.INT64: np.int64}.get(bias.type)
+        if bias_dtype is None or not params(x_t)[0]:
             continue
         buf = model.buffers[bias.buffer]
         old_b_scale = np.asarray(bias.quantization.scale, np.float64)
-        b_int = np.frombuffer(bytes(bytearray(buf.data)), dtype=np.int32).astype(np.float64)
+        b_int = np.frombuffer(bytes(bytearray(buf.data)), dtype=bias_dtype).astype(np.float64)
         real = b_int * old_b_scale
         new_scale = params(x_t)[0][0] * np.asarray(sg.tensors[w_t].quantization.scale, np.float64)
-        new_int = np.clip(np.rint(real / new_scale), -(2**31), 2**31 - 1).astype(np.int32)
+        info = np.iinfo(np.int32)  # int64 biases (16x8) still hold values the kernels accumulate in 32/64 bits
+        new_int = np.clip(np.rint(real / new_scale), info.min, info.max).astype(bias_dtype)
         buf.data = np.frombuffer(new_int.tobytes(), dtype=np.uint8)
         bias.quantization.scale = new_scale.astype(np.float32)
         bias.quantization.zeroPoint = np.zeros(len(new_scale), dtype=np.int64)
 
-    out = flatbuffer_utils.convert_object_to_bytearray(model)
-    return bytes(out), res
+    return serialize(model), res
+
+
+def serialize(model: Any) -> bytes:
+    """Serialize a flatbuffer object-API model, storing each distinct numeric vector once.
+
+    TFLite requires one int64 zero point per scale (``interpreter_builder.cc`` ``ParseQuantization``),
+    so a per-channel weight and its int32 bias each carry a vector of C zeros: about 0.35 MB in
+    EfficientNet-Lite0. Flatbuffers let tables share a vector (as ``CreateSharedString`` shares
+    strings); identical vectors are written once and referenced by offset. The content read by any
+    flatbuffer reader is unchanged.
+    """
+    import flatbuffers
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    class SharingBuilder(flatbuffers.Builder):  # type: ignore[misc]
+        __slots__ = ("seen",)
+
+        def CreateNumpyVector(self, x: np.ndarray) -> int:  # noqa: N802 (flatbuffers' name)
+            arr = np.asarray(x)
+            key = (arr.dtype.str, arr.size, arr.tobytes())
+            if key not in self.seen:
+                self.seen[key] = super().CreateNumpyVector(arr)
+            return self.seen[key]
+
+    builder = SharingBuilder(1024)
+    builder.seen = {}
+    offset = model.Pack(builder)
+    builder.Finish(offset, file_identifier=flatbuffer_utils._TFLITE_FILE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def float_ops(tflite_bytes: bytes) -> list[dict[str, str]]:
+    """Operators that compute in float in a (nominally) integer model: (op, tensor, reason).
+
+    QUANTIZE/DEQUANTIZE at float model inputs/outputs (``--tflite-io float``) are the intended boundary
+    and are not listed.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
+    opname = _opnames()
+    found = []
+    for sg in model.subgraphs:
+        for op in sg.operators:
+            oc = model.operatorCodes[op.opcodeIndex]
+            code = opname.get(max(oc.builtinCode, oc.deprecatedBuiltinCode), "?")
+            if code in ("QUANTIZE", "DEQUANTIZE"):
+                continue
+            outs = [sg.tensors[int(o)] for o in op.outputs if o >= 0]
+            if any(t.type in (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16) for t in outs):
+                found.append({"op": code, "tensor": _str(outs[0].name),
+                              "reason": "the TFLite converter has no integer kernel for this op here; it runs in "
+                                        "float between DEQUANTIZE/QUANTIZE"})
+    return found
 
 
 def io_quantization(tflite_bytes: bytes) -> dict[str, list[dict[str, Any]]]:

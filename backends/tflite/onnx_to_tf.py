@@ -184,10 +184,10 @@ class OnnxToTf:
         if op == "HardSigmoid":
             x = self._get(env, node.input[0])
             alpha, beta = at.get("alpha", 0.2), at.get("beta", 0.5)
-            return [_T(tf.clip_by_value(x.value * alpha + beta, 0.0, 1.0), x.nhwc)]
+            return [_T(tf.clip_by_value(x.value * alpha + beta, 0.0, 1.0, name=self._name), x.nhwc)]
         if op == "HardSwish":
             x = self._get(env, node.input[0])
-            return [_T(x.value * tf.nn.relu6(x.value + 3.0) / 6.0, x.nhwc)]
+            return [_T(tf.multiply(x.value, tf.nn.relu6(x.value + 3.0) / 6.0, name=self._name), x.nhwc)]
         if op == "Add":
             return self._binary(node, env, tf.add)
         if op == "Sub":
@@ -234,14 +234,16 @@ class OnnxToTf:
             if w is None:
                 raise UnsupportedModelError(f"Gemm {node.name!r} has a non-constant weight")
             w = w.T if at.get("transB", 0) else w
-            y = tf.matmul(a, tf.constant(w * at.get("alpha", 1.0)))
-            if len(node.input) > 2 and node.input[2]:
+            has_bias = len(node.input) > 2 and bool(node.input[2])
+            y = tf.matmul(a, tf.constant(w * at.get("alpha", 1.0)), name=None if has_bias else self._name)
+            if has_bias:
                 y = tf.add(y, tf.constant(self.consts[node.input[2]] * at.get("beta", 1.0)), name=self._name)
             return [_T(y)]
         if op == "MatMul":
             a = self._get(env, node.input[0])
             b = self._get(env, node.input[1])
-            return [_T(tf.matmul(self._nchw(a) if a.nhwc else a.value, self._nchw(b) if b.nhwc else b.value))]
+            return [_T(tf.matmul(self._nchw(a) if a.nhwc else a.value, self._nchw(b) if b.nhwc else b.value,
+                                 name=self._name))]
         if op == "Softmax":
             x = self._get(env, node.input[0])
             xv = self._nchw(x) if x.nhwc else x.value
@@ -285,15 +287,19 @@ class OnnxToTf:
         xv = self._nhwc(x)
         xv, mode = self._padding(xv, k, s, d, pads, fill=0.0)
         cin = int(xv.shape[3])
+        has_bias = len(node.input) > 2 and bool(node.input[2])
+        name = None if has_bias else self._name  # the op producing the ONNX tensor carries its name
         if group == 1:
-            y = tf.nn.conv2d(xv, tf.constant(np.transpose(w, (2, 3, 1, 0))), strides=s, padding=mode, dilations=d)
+            y = tf.nn.conv2d(xv, tf.constant(np.transpose(w, (2, 3, 1, 0))), strides=s, padding=mode, dilations=d,
+                             name=name)
         elif group == cin and w.shape[1] == 1:
             mult = w.shape[0] // cin
             wk = np.transpose(w.reshape(cin, mult, k[0], k[1]), (2, 3, 0, 1))  # H, W, C, M
-            y = tf.nn.depthwise_conv2d(xv, tf.constant(wk), strides=[1, *s, 1], padding=mode, dilations=d)
+            y = tf.nn.depthwise_conv2d(xv, tf.constant(wk), strides=[1, *s, 1], padding=mode, dilations=d,
+                                       name=name)
         else:
             raise UnsupportedModelError(f"Conv {node.name!r}: grouped convolution (group={group}) is not supported")
-        if len(node.input) > 2 and node.input[2]:
+        if has_bias:
             y = tf.nn.bias_add(y, tf.constant(self.consts[node.input[2]]), name=self._name)
         return _T(y, nhwc=True)
 

