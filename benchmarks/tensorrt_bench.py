@@ -21,7 +21,7 @@ from backends.tensorrt.backend import lower_strongly_typed
 from backends.tensorrt.checker import check_model
 from deployer.pipeline import DeployOptions, compute_statistics, load_inputs, make_plan
 from deployer.plan import NodeDecision, Precision, QuantPlan
-from deployer.recovery import apply_bias_correction
+from deployer.recovery import prepare_for_lowering
 
 
 def top1(ref, got) -> float:
@@ -43,11 +43,59 @@ def with_fp16(plan: QuantPlan, names: list[str], reason: str) -> QuantPlan:
     return plan.with_nodes(nodes).with_bias_correction(bc)
 
 
+def cosine_mean(ref, got) -> float:
+    return float(np.mean([float(r[0].ravel() @ g[0].ravel() / (np.linalg.norm(r[0]) * np.linalg.norm(g[0])))
+                          for r, g in zip(ref, got)]))
+
+
+MINILM_GROUPS = {"ffn_down": r"layer\.\d+/output/dense/", "ffn_up": r"/intermediate/dense/",
+                 "attn_out": r"/attention/output/dense/", "qkv": r"/(query|key|value)/"}
+
+
+def minilm(groups: list[str]) -> None:
+    """MiniLM, ``mixed`` recipe: mean cosine of the embedding vs FP32 when MatMul groups are moved to FP16.
+
+    Groups are scored on 48 calibration texts; the held-out cosine is printed for the base plan and for
+    ``groups`` (chosen from the calibration scores)."""
+    import re
+
+    opts = DeployOptions(recipe="mixed")
+    inputs = load_inputs("minilm", None, opts)
+    plan = make_plan(inputs, compute_statistics(inputs, opts), opts)
+    select = list(inputs.calibration)[:48]
+    ref_run = onnx_runner(inputs.reference)
+    ref_sel = ref_run(select)
+
+    def run(p, data):
+        model, _ = lower_strongly_typed(prepare_for_lowering(inputs.reference, p), p)
+        return onnx_runner(model, optimize=False)(data)
+
+    def group_nodes(names):
+        return [n for n, d in plan.nodes.items() if d.op_type in ("MatMul", "Gemm") and d.precision == Precision.INT8
+                and any(re.search(MINILM_GROUPS[g], n) for g in names)]
+
+    print(f"minilm mixed base: select cosine {cosine_mean(ref_sel, run(plan, select)):.4f}", flush=True)
+    for g in MINILM_GROUPS:
+        p = with_fp16(plan, group_nodes([g]), f"tensorrt sensitivity: {g} fp16")
+        print(f"minilm mixed + {g} ({len(group_nodes([g]))} MatMul) FP16: select cosine "
+              f"{cosine_mean(ref_sel, run(p, select)):.4f}", flush=True)
+    if groups:
+        held = list(inputs.heldout)
+        ref_held = ref_run(held)
+        p = with_fp16(plan, group_nodes(groups), "tensorrt sensitivity: fp16")
+        print(f"minilm mixed + {groups} FP16: held-out cosine {cosine_mean(ref_held, run(p, held)):.4f} "
+              f"({len(held)} texts)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sensitivity", type=int, default=0)
+    ap.add_argument("--minilm", default=None, help="comma-separated MatMul groups to keep FP16 on MiniLM ('' = score only)")
     ap.add_argument("--observers", default="minmax,percentile,mse,entropy")
     a = ap.parse_args()
+    if a.minilm is not None:
+        minilm([g for g in a.minilm.split(",") if g])
+        return
     opts = DeployOptions()
     inputs = load_inputs("efficientnet-lite0", None, opts)
     stats = compute_statistics(inputs, opts)
@@ -59,7 +107,7 @@ def main() -> None:
 
     def score(plan, label: str) -> tuple[float, float]:
         t0 = time.perf_counter()
-        model, rec = lower_strongly_typed(apply_bias_correction(inputs.reference, plan.bias_correction), plan)
+        model, rec = lower_strongly_typed(prepare_for_lowering(inputs.reference, plan), plan)
         errors = [f for f in check_model(model) if f.severity == "error"]
         run = onnx_runner(model, optimize=False)
         got_sel, got_held = run(select), run(held)
@@ -85,7 +133,7 @@ def main() -> None:
         mse = {}
         for n in convs:
             p = with_fp16(base, [n], "sensitivity probe")
-            model, _ = lower_strongly_typed(apply_bias_correction(inputs.reference, p.bias_correction), p)
+            model, _ = lower_strongly_typed(prepare_for_lowering(inputs.reference, p), p)
             got = onnx_runner(model, optimize=False)(sens_set)
             mse[n] = float(np.mean([np.mean((r[0] - g[0]) ** 2) for r, g in zip(ref_s, got)]))
         ranked = sorted(mse, key=mse.get)

@@ -110,9 +110,20 @@ def layers_of(plan: QuantPlan, model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in MAC_OPS and plan.precision_of(n.name) == Precision.INT8]
 
 
-def with_precision(plan: QuantPlan, names: Sequence[str], precision: Precision, reason: str) -> QuantPlan:
+def with_precision(plan: QuantPlan, names: Sequence[str], precision: Precision, reason: str,
+                   model: onnx.ModelProto | None = None) -> QuantPlan:
+    """``plan`` with ``names`` moved to ``precision``; with ``model``, a residual ``Add`` reading a moved
+    layer's output moves too (its own Q/DQ would otherwise keep the block's error)."""
     nodes = dict(plan.nodes)
-    for n in names:
+    moved = set(names)
+    if model is not None:
+        view = GraphView(model)
+        for n in names:
+            for out in view.nodes[n].output:
+                for c in view.consumers.get(out, []):
+                    if c.op_type == "Add" and c.name in nodes and nodes[c.name].precision == Precision.INT8:
+                        moved.add(c.name)
+    for n in sorted(moved):
         d = nodes[n]
         nodes[n] = NodeDecision(d.op_type, precision, None if precision != Precision.INT8 else d.weight, reason)
     return plan.with_nodes(nodes)
@@ -238,7 +249,7 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
         nonlocal spent
         if k not in tried:
             spent += 1
-            tried[k] = evaluate(with_precision(plan, order[:k], high, reason))[0]
+            tried[k] = evaluate(with_precision(plan, order[:k], high, reason, model))[0]
         return tried[k]
 
     # grow geometrically until the target is met, then binary-search the smallest prefix
@@ -263,7 +274,7 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
     else:
         best = max(tried, key=lambda j: (tried[j], -j))
         stopped = "budget"
-    final = with_precision(plan, order[:best], high, reason)
+    final = with_precision(plan, order[:best], high, reason, model)
     spent_total = evaluate.evaluations + (rank_with.evaluations if rank_with is not None else 0)
     return SearchResult(final, order[:best], tried[best], target, stopped, spent_total,
                         int8_mac_fraction(final, macs), table)

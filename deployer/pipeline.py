@@ -546,8 +546,8 @@ def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: l
             policy, simulated_by = p, f"{b.name} Q/DQ policy"
             break
     cal = list(inputs.calibration)
-    search_samples = cal[:: max(1, len(cal) // 128)][:128]
-    rank_samples = search_samples[::4]
+    search_samples = cal[:: max(1, len(cal) // 256)][:256]
+    rank_samples = search_samples[:: max(1, len(search_samples) // 32)][:32]
     metric = relative_metric(inputs.task)
     ev = Evaluator(inputs.reference, search_samples, policy, metric)
     ranker = Evaluator(inputs.reference, rank_samples, policy, metric)

@@ -33,6 +33,7 @@ def _0_9_to_1_0(data: dict[str, Any]) -> dict[str, Any]:
     out["ranges"] = ranges
     out.setdefault("shared_scales", [])
     out.setdefault("bias_correction", {})
+    out.setdefault("smoothing", {})
     out["schema_version"] = "1.0"
     return out
 

@@ -94,6 +94,7 @@ def test_plan_0_9_migrates(deployed: Path, tmp_path: Path) -> None:
     old = dict(current, schema_version="0.9", ranges={k: [v["min"], v["max"]] for k, v in current["ranges"].items()})
     old.pop("shared_scales")
     old.pop("bias_correction")
+    old.pop("smoothing")
     jsonschema.validate(old, schema("plan-0.9"))
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(old, schema("plan"))

@@ -21,7 +21,7 @@ from backends.tensorrt.checker import RULES, check_model
 from calibration.collect import collect_statistics
 from calibration.dataset import CalibrationSet
 from deployer.pipeline import DeployOptions, Inputs, make_plan
-from deployer.plan import QuantPlan
+from deployer.plan import QuantPlan, TensorRange
 from deployer.quant import symmetric_scale
 
 F = TensorProto.FLOAT
@@ -215,9 +215,13 @@ def test_attention_placement_and_mask_path():
     assert not any(from_dq(m, t) for t in node(m, "mask_add").input)
     for t, a in rec.activations.items():
         assert abs(a["min"]) < 1e4 and abs(a["max"]) < 1e4, t
-    # the mask bias (float min) is a skip-branch candidate of mask_add, left in float with its reason
-    assert plan.ranges["bias"].min < -1e30
-    assert any(s["tensor"] == "bias" and "mask" in s["reason"] for s in rec.skipped)
+    # the mask bias (float min) is never quantized: the pipeline keeps it out of the plan, and the backend
+    # also drops mask-like ranges from plans made elsewhere (hand-edited, imported)
+    assert "bias" not in rec.activations
+    m2, rec2 = lower_strongly_typed(MODELS["attention"](), plan.with_ranges(
+        {**plan.ranges, "bias": TensorRange(float(np.finfo(np.float32).min), 0.0)}))
+    assert "bias" not in rec2.activations and not from_dq(m2, node(m2, "mask_add").input[1])
+    assert any(s["tensor"] == "bias" and "mask" in s["reason"] for s in rec2.skipped)
 
 
 def test_attention_mixed_keeps_attention_fp16_with_boundary_casts():
