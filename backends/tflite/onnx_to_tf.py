@@ -98,7 +98,7 @@ class OnnxToTf:
             specs.append(tf.TensorSpec(shape, tf.as_dtype(dtype), name=_tf_name(vi.name)))
         return specs
 
-    def function(self) -> Callable[..., Any]:
+    def function(self) -> Any:
         """A ``tf.function`` taking inputs in graph order and returning outputs in graph order."""
         tf = self.tf
 
@@ -139,7 +139,7 @@ class OnnxToTf:
     def _nhwc(self, t: _T) -> Any:
         return t.value if t.nhwc else self.tf.transpose(t.value, [0, 2, 3, 1])
 
-    def _binary(self, node: onnx.NodeProto, env: dict[str, _T], fn: Callable[[Any, Any], Any]) -> list[_T]:
+    def _binary(self, node: onnx.NodeProto, env: dict[str, _T], fn: Callable[..., Any]) -> list[_T]:
         a = self._get(env, node.input[0])
         b = self._get(env, node.input[1])
         if a.nhwc or b.nhwc:

@@ -72,13 +72,13 @@ def topic_files(directory: str | Path = FORTUNES_DIR) -> dict[str, Path]:
     return out
 
 
-def load_corpus(directory: str | Path = FORTUNES_DIR, min_texts: int = MIN_TEXTS_PER_TOPIC) -> Corpus:
+def load_corpus(directory: str | os.PathLike[str] = FORTUNES_DIR, min_texts: int = MIN_TEXTS_PER_TOPIC) -> Corpus:
     """All topics with at least ``min_texts`` unambiguous texts (deterministic order).
 
     Raises:
         BackendUnavailableError: the package is missing or fewer than two topics qualify.
     """
-    per_topic = {name: list(dict.fromkeys(read_topic(p))) for name, p in topic_files(directory).items()}
+    per_topic = {name: list(dict.fromkeys(read_topic(p))) for name, p in topic_files(Path(directory)).items()}
     owners = Counter(t for texts in per_topic.values() for t in texts)
     texts: list[str] = []
     labels: list[int] = []
