@@ -136,7 +136,7 @@ def main() -> None:
             model, _ = lower_strongly_typed(prepare_for_lowering(inputs.reference, p), p)
             got = onnx_runner(model, optimize=False)(sens_set)
             mse[n] = float(np.mean([np.mean((r[0] - g[0]) ** 2) for r, g in zip(ref_s, got)]))
-        ranked = sorted(mse, key=mse.get)
+        ranked = sorted(mse, key=lambda n: mse[n])
         print("most sensitive (lowest logit MSE when kept FP16):", [(n, round(mse[n], 4)) for n in ranked[:5]])
         for k in range(1, a.sensitivity + 1):
             score(with_fp16(base, ranked[:k], "tensorrt sensitivity: fp16"), f"int8 + {k} most sensitive Conv in FP16")
