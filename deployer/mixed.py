@@ -26,7 +26,7 @@ import onnx
 
 from backends.base import onnx_runner
 from calibration.dataset import Sample
-from deployer.graph import GraphView
+from deployer.graph import GraphView, weight_channel_axis
 from deployer.plan import NodeDecision, Precision, QuantPlan
 from deployer.qdq import QdqPolicy, lower_qdq
 from deployer.verify import cosine_mean, sqnr_db, top1_agreement
@@ -40,13 +40,7 @@ MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _per_channel_axis(node: onnx.NodeProto, w: np.ndarray) -> int | None:
-    if node.op_type in ("Conv",):
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        return 0 if any(a.name == "transB" and a.i for a in node.attribute) else 1
-    return 1 if w.ndim == 2 else None
+    return None if node.op_type == "MatMul" and w.ndim != 2 else weight_channel_axis(node)
 
 
 DEFAULT_SIMULATION_POLICY = QdqPolicy(

@@ -27,7 +27,7 @@ from backends.tensorrt.engine import (EngineOptions, polygraphy_compare_argv, po
                                       tensorrt_version, trtexec_argv)
 from deployer.errors import ExternalToolError
 from deployer.findings import Finding
-from deployer.graph import GraphView
+from deployer.graph import GraphView, weight_channel_axis
 from deployer.plan import QuantPlan
 from deployer.qdq import LoweringRecord, QdqPolicy, lower_qdq
 from deployer.recipe import PRESETS, decide
@@ -36,16 +36,13 @@ TRT_OPSET = 17
 
 
 def _per_channel(node: onnx.NodeProto, w: np.ndarray) -> int | None:
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "ConvTranspose":
-        return 1
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else None
-    if node.op_type == "MatMul" and w.ndim == 2:
-        return 1
-    return None
+    """TensorRT's legal per-channel weight axes: Conv 0, ConvTranspose 1, Gemm only with transB=1 (axis 0),
+    MatMul with a 2-D weight (its output columns); anything else per-tensor."""
+    if node.op_type == "Gemm" and weight_channel_axis(node) != 0:
+        return None
+    if node.op_type == "MatMul" and w.ndim != 2:
+        return None
+    return weight_channel_axis(node) if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") else None
 
 
 def _gemv(node: onnx.NodeProto, view: GraphView) -> bool:
@@ -155,7 +152,7 @@ class TensorRTBackend:
             "fp16_nodes": record.fp16_nodes, "skipped": record.skipped, "engine": None,
         }
         if extra["tensorrt"] is None:
-            notes.append("engine: not built (TensorRT is not installed here); build it on a GPU host with "
+            notes.append("engine: not built (TensorRT not installed); build it on a GPU host with "
                          "build_engine.sh: " + shlex.join(argv) + " (or: " + shlex.join(poly) + ")")
         else:
             extra["engine"] = self._engines(ctx, path, fp32_path, options)

@@ -153,7 +153,8 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
         name = onnx_name(ti)
         prod = producers.get(ti)
         if name is None:
-            res.unmapped.append(_str(t.name))
+            if prod not in TIED_OPS:  # layout transposes of the translation share their input's parameters
+                res.unmapped.append(_str(t.name))
             continue
         r = plan.range_of(name)
         if r is None:
