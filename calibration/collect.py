@@ -97,7 +97,7 @@ def collect_statistics(
     out_names = [o.name for o in sess.get_outputs()]
     observed = set(names)
     # per-channel means feed bias correction: inputs of Conv/ConvTranspose/Gemm/MatMul
-    matmul_inputs = {nd.input[0] for nd in model.graph.node if nd.op_type == "MatMul" and nd.input}
+    matmul_inputs = {nd.input[0] for nd in model.graph.node if nd.op_type in ("MatMul", "Gemm") and nd.input}
     channel_tensors = {nd.input[0] for nd in model.graph.node
                        if nd.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and nd.input}
     stats = Statistics(settings={"ema_momentum": ema_momentum, "ema_batch": ema_batch})
@@ -145,7 +145,7 @@ def statistics_settings(ema_momentum: float = DEFAULT_EMA_MOMENTUM, ema_batch: i
     """Everything that shapes statistics (the cache key; the observer is not part of it)."""
     return {"ema_momentum": ema_momentum, "ema_batch": ema_batch, "bins": bins, "hist_elements": hist_elements,
             "skip": sorted(skip or ()), "format": STATS_FORMAT, "channel_means": "weighted-op inputs",
-            "last_axis_absmax": "MatMul inputs"}
+            "last_axis_absmax": "MatMul/Gemm inputs"}
 
 
 def _subset(v: np.ndarray, cap: int, cache: dict[int, np.ndarray]) -> np.ndarray | None:

@@ -163,10 +163,23 @@ def apply_bias_correction(model: onnx.ModelProto, corrections: dict[str, list[fl
 DEFAULT_SMOOTHQUANT_ALPHA = 0.5
 
 
+def _smoothable_weight(node: onnx.NodeProto, view: GraphView) -> np.ndarray | None:
+    """The constant weight of a MatMul / Gemm (transA=0) as (K, N), or None."""
+    w = view.constants.get(node.input[1]) if len(node.input) > 1 else None
+    if w is None or w.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        if any(a.name == "transA" and a.i for a in node.attribute):
+            return None
+        if any(a.name == "transB" and a.i for a in node.attribute):
+            return w.T
+    return w
+
+
 def compute_smoothing(model: onnx.ModelProto, plan: QuantPlan, absmax: dict[str, np.ndarray],
                       alpha: float = DEFAULT_SMOOTHQUANT_ALPHA) -> dict[str, list[float]]:
     """SmoothQuant per-input-channel factors (Xiao et al. 2023, "SmoothQuant: Accurate and Efficient
-    Post-Training Quantization for Large Language Models", eq. 4): for an INT8 ``MatMul(X, W)`` with a
+    Post-Training Quantization for Large Language Models", eq. 4): for an INT8 ``MatMul(X, W)`` (or ``Gemm``, transA=0) with a
     constant 2-D ``W`` (K, N), ``s_k = max|X_k|^alpha / max_n |W_kn|^(1 - alpha)``; ``X`` is divided by
     ``s`` and the rows of ``W`` multiplied by it, so the product is unchanged while activation outliers
     move into the weights. MatMuls sharing one input share one ``s`` (max over their weights).
@@ -181,10 +194,10 @@ def compute_smoothing(model: onnx.ModelProto, plan: QuantPlan, absmax: dict[str,
     groups: dict[str, list[np.ndarray]] = {}
     for node in model.graph.node:
         dec = plan.nodes.get(node.name)
-        if node.op_type != "MatMul" or dec is None or dec.precision != Precision.INT8:
+        if node.op_type not in ("MatMul", "Gemm") or dec is None or dec.precision != Precision.INT8:
             continue
-        w = view.constants.get(node.input[1])
-        if w is None or w.ndim != 2 or node.input[0] not in absmax:
+        w = _smoothable_weight(node, view)
+        if w is None or node.input[0] not in absmax:
             continue
         groups.setdefault(node.input[0], []).append(w)
     out: dict[str, list[float]] = {}
@@ -213,14 +226,17 @@ def apply_smoothing(model: onnx.ModelProto, smoothing: dict[str, list[float]]) -
     new_nodes: list[onnx.NodeProto] = []
     for node in out.graph.node:
         x = node.input[0] if node.input else ""
-        if node.op_type == "MatMul" and x in smoothing and node.input[1] in view.constants:
+        w_kn = _smoothable_weight(node, view) if node.op_type in ("MatMul", "Gemm") and x in smoothing else None
+        if w_kn is not None:
             s = np.asarray(smoothing[x], dtype=np.float64)
             smoothed = f"{x}__smoothed"
             if not any(n.output[0] == smoothed for n in new_nodes):
                 inv = numpy_helper.from_array((1.0 / s).astype(np.float32), f"{x}__smooth_inv")
                 out.graph.initializer.append(inv)
                 new_nodes.append(onnx.helper.make_node("Mul", [x, inv.name], [smoothed], name=f"{x}__SmoothQuant"))
-            w = view.constants[node.input[1]].astype(np.float64) * s[:, None]
+            w = w_kn.astype(np.float64) * s[:, None]
+            if node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute):
+                w = w.T
             wi = numpy_helper.from_array(w.astype(np.float32), f"{node.input[1]}__smoothed_{node.name}")
             out.graph.initializer.append(wi)
             node.input[0] = smoothed

@@ -87,3 +87,26 @@ def test_smoothquant_is_exact_in_fp32_and_helps_int8() -> None:
         return sqnr_db(ref, out)
 
     assert sqnr(smooth) > sqnr(plain) + 3.0, (sqnr(plain), sqnr(smooth))
+
+
+def test_smoothquant_on_gemm_trans_b_is_exact() -> None:
+    """Transformer exports at batch 1 become Reshape + Gemm(transB=1): smoothing scales the weight's columns."""
+    w = RNG.normal(size=(16, 32)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc", transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, 16])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.zeros(16, np.float32), "b")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    samples = []
+    for _ in range(8):
+        x = RNG.normal(size=(8, 32)).astype(np.float32)
+        x[:, 3] *= 50.0
+        samples.append({"x": x})
+    cal = CalibrationSet(samples)
+    inputs = Inputs(m, cal, cal, "generic", "test", "same")
+    plan = make_plan(inputs, compute_statistics(inputs, DeployOptions(no_cache=True)), DeployOptions(smoothquant=0.5))
+    assert list(plan.smoothing) == ["x"] and plan.smoothing["x"][3] > plan.smoothing["x"][0]
+    ref = onnx_runner(m)(samples)
+    got = onnx_runner(apply_smoothing(m, plan.smoothing))(samples)
+    for a, b in zip(ref, got):
+        np.testing.assert_allclose(b[0], a[0], rtol=1e-4, atol=1e-4)
