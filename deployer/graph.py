@@ -66,3 +66,17 @@ def weight_channel_axis(node: onnx.NodeProto) -> int:
         trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
         return 0 if trans_b else 1
     return 1  # MatMul (K, N): one scale per output column
+
+
+def tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """ONNX element type of every tensor shape inference can type, plus every initializer
+    (the model is returned untyped where shape inference fails)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in
+             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    return types

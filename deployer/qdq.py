@@ -26,7 +26,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from deployer.errors import UnsupportedModelError
-from deployer.graph import WEIGHTED_OPS, GraphView, weight_channel_axis
+from deployer.graph import WEIGHTED_OPS, GraphView, tensor_types, weight_channel_axis
 from deployer.plan import Granularity, Precision, QuantPlan
 from deployer.quant import asymmetric_params, per_channel_scales, quantize, symmetric_scale
 
@@ -81,18 +81,6 @@ class LoweringRecord:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
 
-def _float_types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        inferred = model
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in
-             list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
-    for init in model.graph.initializer:
-        types[init.name] = init.data_type
-    return types
-
-
 def _set_opset(model: onnx.ModelProto, opset: int) -> None:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):
@@ -122,7 +110,7 @@ def lower_qdq(model: onnx.ModelProto, plan: QuantPlan, policy: QdqPolicy) -> tup
                 f"re-export the model at opset >= {policy.opset}"
             ) from None
     view = GraphView(out)
-    types = _float_types(out)
+    types = tensor_types(out)
     rec = LoweringRecord()
     g = out.graph
 

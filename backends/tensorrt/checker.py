@@ -27,7 +27,7 @@ import onnx
 from onnx import TensorProto
 
 from deployer.findings import Finding
-from deployer.graph import GraphView
+from deployer.graph import GraphView, tensor_types
 
 
 @dataclass(frozen=True)
@@ -124,14 +124,7 @@ def _attr(node: onnx.NodeProto, name: str, default: int | None = None) -> int | 
 
 
 def _types(model: onnx.ModelProto) -> dict[str, int]:
-    try:
-        m = onnx.shape_inference.infer_shapes(model)
-    except Exception:
-        m = model
-    types = {v.name: v.type.tensor_type.elem_type for v in
-             list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output)}
-    for i in model.graph.initializer:
-        types[i.name] = i.data_type
+    types = tensor_types(model)
     for n in model.graph.node:
         if n.op_type == "Cast":
             types.setdefault(n.output[0], _attr(n, "to") or 0)
