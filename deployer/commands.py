@@ -58,9 +58,14 @@ def worst(codes: Iterable[int]) -> int:
 
 
 def exit_code_for_report(report: dict[str, Any]) -> int:
-    """0, or 1 when any target has a failed enforced gate (a vendor step not run is not a failure)."""
-    return worst(EXIT_GATE_FAILED if gate_failed(t.get("gates")) else EXIT_OK
-                 for t in report.get("targets", {}).values())
+    """0; 1 when any target has a failed enforced gate; 2 when a vendor step (``atc``) ran and failed (its
+    output is in the report). A vendor step not run (tool not installed) is not a failure."""
+    def code(t: dict[str, Any]) -> int:
+        if (t.get("vendor_step") or {}).get("status") == "failed":
+            return EXIT_BAD_INPUT
+        return EXIT_GATE_FAILED if gate_failed(t.get("gates")) else EXIT_OK
+
+    return worst(code(t) for t in report.get("targets", {}).values())
 
 
 def cmd_inspect(argv: Sequence[str]) -> int:

@@ -30,7 +30,7 @@ from backends.ascend.checker import MASK_SCALE
 from backends.ascend.checker import check as check_model
 from backends.ascend.deploy_form import to_deploy_form
 from backends.base import Artifact, LoweringContext, onnx_runner
-from deployer.errors import BadInputError
+from deployer.errors import ExternalToolError, BadInputError
 from deployer.findings import Finding
 from deployer.graph import GraphView
 from deployer.plan import Precision, QuantPlan
@@ -261,8 +261,14 @@ class AscendBackend:
         if opset_note:
             notes.insert(0, opset_note)
         om = None
+        vendor_step: dict[str, Any] = {"tool": "atc", "status": "not run", "command": shlex.join(argv)}
         if shutil.which("atc"):
-            om = run_atc(argv, d).name
+            try:
+                om = run_atc(argv, d).name
+                vendor_step.update(status="ok", log="ascend/atc.log")
+            except ExternalToolError as e:  # the graphs stay valid: report the failure with atc's output
+                vendor_step.update(status="failed", error=str(e), log="ascend/atc.log")
+                notes.append(f"atc: FAILED: {e}")
         else:
             notes.append("atc: not run (atc not on PATH); compile the deploy form with atc.sh: " + shlex.join(argv))
         mask_skips = [s for s in record.skipped if s["reason"].startswith("left in float")]
@@ -271,7 +277,7 @@ class AscendBackend:
             verified_by=f"ONNX Runtime {_ort_version()} (CPU, graph optimizations off: exact Q/DQ arithmetic) "
                         f"running the QDQ (fake-quant) graph",
             notes=notes, files=files,
-            extra={"atc_command": argv, "soc_version": soc, "precision_mode": mode, "om": om, "keep_dtype": keep,
+            extra={"vendor_step": vendor_step, "atc_command": argv, "soc_version": soc, "precision_mode": mode, "om": om, "keep_dtype": keep,
                    "modify_mixlist": white, "deploy_form": deploy_path.name, "quant_params": params.name,
                    "int8_layers": len(deploy_rec.layers),
                    "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),
