@@ -262,7 +262,7 @@ def format_table(report: dict[str, Any]) -> str:
         fid = t["fidelity"]
         parts = [f"{k} {v:.4f}" for k, v in fid.items() if isinstance(v, float)]
         sq = fid.get("sqnr_db", {})
-        parts += [f"SQNR {v:.1f} dB" for v in sq.values()][:1]
+        parts += [f"SQNR {v:.1f} dB" if v is not None else "SQNR inf (identical)" for v in sq.values()][:1]
         size = t["size_bytes"]
         ratio = f"{size['artifact'] / 1e6:.2f} MB ({100 * size['ratio']:.1f}%)" if size.get("ratio") else \
             f"{size['artifact'] / 1e6:.2f} MB"

@@ -382,6 +382,40 @@ def provenance() -> dict[str, Any]:
     return {"deployer": __version__, "python": platform.python_version(), "libraries": versions}
 
 
+DEPLOY_OUTPUT_MARKERS = ("report.json", "plan.json")
+
+
+def check_output_dir(out_dir: Path, overwrite: bool, protected: Sequence[Any] = ()) -> None:
+    """Refuse an output directory that must not be replaced.
+
+    Raises:
+        BadInputError: it exists (without ``overwrite``), is not a directory, is the current directory
+            or one of its parents, would swallow a given input (model, calibration data), or exists,
+            is not empty and is not an earlier deploy output (no plan.json / report.json).
+    """
+    out_dir = Path(out_dir)
+    resolved = out_dir.resolve()
+    cwd = Path.cwd().resolve()
+    if str(out_dir) in ("", ".") or resolved == cwd or resolved in cwd.parents:
+        raise BadInputError(f"--out {str(out_dir)!r} is the current directory or one of its parents; "
+                            f"choose a new directory such as deploy-out")
+    for p in protected:
+        if isinstance(p, (str, Path)) and str(p):
+            src = Path(p).resolve()
+            if src == resolved or resolved in src.parents:
+                raise BadInputError(f"--out {out_dir} contains the input {p}; replacing it would delete your data; "
+                                    f"choose another --out")
+    if not out_dir.exists():
+        return
+    if not overwrite:
+        raise BadInputError(f"output directory {out_dir} exists; pass --overwrite or choose another --out")
+    if not out_dir.is_dir():
+        raise BadInputError(f"output {out_dir} exists and is not a directory; remove it or choose another --out")
+    if any(out_dir.iterdir()) and not any((out_dir / m).is_file() for m in DEPLOY_OUTPUT_MARKERS):
+        raise BadInputError(f"--overwrite refuses to replace {out_dir}: it is not empty and is not a deploy output "
+                            f"(no plan.json or report.json); choose another --out")
+
+
 @contextmanager
 def atomic_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` on success.
@@ -392,10 +426,7 @@ def atomic_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         BadInputError: ``out_dir`` exists (without ``overwrite``) or its parent is not writable.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise BadInputError(f"output directory {out_dir} exists; pass --overwrite or choose another --out")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BadInputError(f"output {out_dir} exists and is not a directory; remove it or choose another --out")
+    check_output_dir(out_dir, overwrite)
     parent = out_dir.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -451,8 +482,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         raise BackendUnavailableError(f"target {t} cannot run here: {why}")
     loaded_plan = QuantPlan.load(plan) if isinstance(plan, (str, Path)) else plan
     out_dir = Path(out_dir)
-    if out_dir.exists() and not opts.overwrite:
-        raise BadInputError(f"output directory {out_dir} exists; pass --overwrite or choose another --out")
+    check_output_dir(out_dir, opts.overwrite, [model, calibration, plan, opts.eval_dir])
     t0 = time.perf_counter()
     inputs = load_inputs(model, calibration, opts)
     log(f"model: {inputs.source}; {len(inputs.calibration)} calibration / {len(inputs.heldout)} held-out samples")

@@ -311,6 +311,8 @@ class QuantPlan:
             text = p.read_text(encoding="utf-8")
         except OSError as e:
             raise PlanError(f"plan: cannot read {p}: {e.strerror}; check the --plan path") from None
+        except UnicodeDecodeError:
+            raise PlanError(f"plan: {p} is not a text (JSON) file; give the plan.json that deploy wrote") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:

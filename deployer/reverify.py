@@ -115,7 +115,14 @@ def verify_artifact(artifact: str | Path, data: str | Path, reference: str | Pat
     samples = load_calibration(data, specs)
     if len(samples) == 0:
         raise BadInputError(f"--data {data}: no samples found")
-    run, verified_by = _runner(art, ref, opts)
+    try:
+        run, verified_by = _runner(art, ref, opts)
+    except DeployerError:
+        raise
+    except Exception as e:  # a runtime refusing to load the file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BadInputError(f"{art} cannot be loaded for verification ({type(e).__name__}: {first}); an Ascend deploy "
+                            f"form (AscendQuant ops) only runs under ATC: verify model_qdq.onnx instead") from None
     out_names = [o.name for o in ref.graph.output]
     ref_out = onnx_runner(ref)(samples)
     try:

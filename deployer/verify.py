@@ -2,7 +2,7 @@
 
 Standard names: ``top1_agreement`` (classifiers: fraction of samples whose arg-max class equals
 FP32's), ``cosine_mean`` (embeddings: mean cosine similarity per sample), ``sqnr_db`` per output
-(signal-to-quantization-noise ratio, ``10 log10(sum(ref^2) / sum((ref - out)^2))``).
+(signal-to-quantization-noise ratio, ``10 log10(sum(ref^2) / sum((ref - out)^2))``; null when identical).
 """
 
 from __future__ import annotations
@@ -51,6 +51,8 @@ def fidelity(ref_outputs: list[list[np.ndarray]], outputs: list[list[np.ndarray]
         res["top1_agreement"] = round(top1_agreement(stacked_ref[0], stacked[0]), 6)
     elif task == "embedding":
         res["cosine_mean"] = round(cosine_mean(stacked_ref[0], stacked[0]), 6)
-    res["sqnr_db"] = {n: round(sqnr_db(r, o), 3) for n, r, o in zip(output_names, stacked_ref, stacked)}
+    # identical outputs have infinite SQNR: written as null so report.json stays strict JSON
+    res["sqnr_db"] = {n: (round(v, 3) if np.isfinite(v) else None)
+                      for n, r, o in zip(output_names, stacked_ref, stacked) for v in [sqnr_db(r, o)]}
     res["samples"] = len(outputs)
     return res

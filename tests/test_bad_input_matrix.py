@@ -383,6 +383,7 @@ def test_overwrite_replaces_and_leaves_nothing(tmp_path: Path, model_path: Path,
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / "report.json").write_text("{}")  # an earlier deploy output: --overwrite replaces only those
     assert main(deploy_args(model_path, calib_dir, out, "--overwrite")) == 0, capsys.readouterr().err
     assert not (out / "stale.txt").exists() and (out / "plan.json").is_file()
     assert leftovers(out) == []
@@ -396,6 +397,7 @@ def test_interrupt_between_renames_restores_previous_output(tmp_path: Path, monk
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous")
+    (out / "plan.json").write_text("{}")  # an earlier deploy output
     real_replace = os.replace
     calls = []
 
@@ -675,3 +677,57 @@ def test_existing_plan_file_refused_before_calibration(tmp_path: Path, model_pat
     monkeypatch.setattr(pipeline, "load_inputs", no_calibration)
     assert_bad_input(plan_args(model_path, calib_dir, out), capsys, out, "exists", "--overwrite")
     assert out.read_text() == "{}"
+
+
+# -- found by a fresh-eyes user run (session 1) --------------------------------------------------------
+
+
+def test_overwrite_refuses_a_folder_holding_the_inputs(tmp_path: Path, model_path: Path, calib_dir: Path,
+                                                      capsys) -> None:
+    """--out pointing at a folder that contains the model/calibration data must never replace it."""
+    import shutil
+
+    box = tmp_path / "box"
+    box.mkdir()
+    shutil.copy(model_path, box / "model.onnx")
+    shutil.copytree(calib_dir, box / "calib")
+    (box / "precious.txt").write_text("keep me")
+    rc = main(["--model", str(box / "model.onnx"), "--calib", str(box / "calib"), "--out", str(box), "--overwrite",
+               "--target", "tensorrt", "--quiet", "--no-cache"])
+    assert rc == 2
+    assert "contains the input" in capsys.readouterr().err
+    assert (box / "precious.txt").read_text() == "keep me" and (box / "model.onnx").is_file()
+
+
+def test_overwrite_refuses_a_foreign_folder(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    rc = main(["--model", str(model_path), "--calib", str(calib_dir), "--out", str(other), "--overwrite",
+               "--target", "tensorrt", "--quiet", "--no-cache"])
+    assert rc == 2 and "not a deploy output" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_out_cannot_be_the_current_directory(tmp_path: Path, model_path: Path, calib_dir: Path, capsys,
+                                             monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for out in (".", ""):
+        rc = main(["--model", str(model_path), "--calib", str(calib_dir), "--out", out, "--overwrite",
+                   "--target", "tensorrt", "--quiet", "--no-cache"])
+        assert rc == 2 and "current directory" in capsys.readouterr().err
+
+
+def test_binary_file_as_plan_is_a_clean_error(tmp_path: Path, model_path: Path, capsys) -> None:
+    rc = main(["inspect", str(model_path)])
+    assert rc == 2 and "not a text (JSON) file" in capsys.readouterr().err
+
+
+def test_verify_unloadable_artifact_is_a_clean_error(tmp_path: Path, model_path: Path, calib_dir: Path,
+                                                    capsys) -> None:
+    bad = tmp_path / "garbage.onnx"
+    bad.write_bytes(b"\x08\x01garbage" * 10)
+    rc = main(["verify", str(bad), "--data", str(calib_dir), "--reference", str(model_path),
+               "--out", str(tmp_path / "v")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot be loaded for verification" in err and "Traceback" not in err

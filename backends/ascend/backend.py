@@ -30,7 +30,7 @@ from backends.ascend.checker import MASK_SCALE
 from backends.ascend.checker import check as check_model
 from backends.ascend.deploy_form import to_deploy_form
 from backends.base import Artifact, LoweringContext, onnx_runner
-from deployer.errors import ExternalToolError, BadInputError
+from deployer.errors import BadInputError, ExternalToolError, UnsupportedModelError
 from deployer.findings import Finding
 from deployer.graph import GraphView
 from deployer.plan import Precision, QuantPlan
@@ -221,8 +221,9 @@ class AscendBackend:
         findings = check_model(model)
         errors = [f for f in findings if f.severity == "error"]
         if errors:
-            raise RuntimeError("the Ascend lowering produced a graph its own checker rejects: "
-                                + "; ".join(str(f) for f in errors[:5]))
+            raise UnsupportedModelError("the plan cannot be lowered to a legal Ascend graph: "
+                                        + "; ".join(str(f) for f in errors[:3])
+                                        + " (a hand-edited plan may lack the range of a quantized input)")
         deploy, deploy_rec = to_deploy_form(model)
         d = ctx.out_dir / "ascend"
         d.mkdir(parents=True, exist_ok=True)
