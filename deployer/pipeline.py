@@ -32,7 +32,7 @@ from calibration.observers import DEFAULT_EMA_MOMENTUM, OBSERVERS, Statistics, r
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
 from deployer.gates import evaluate_gates, failed
-from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, get_example
+from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
 from deployer.recipe import decide, load_rules
@@ -152,7 +152,8 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     """Resolve the model argument and calibration argument into an :class:`Inputs`.
 
     Args:
-        model: None (the default example), an example name, a path to a ``.onnx`` file, an
+        model: None (the default example), an example name, an :class:`ExampleData` (model and
+            splits prepared by the caller, e.g. ``deploy --distill``), a path to a ``.onnx`` file, an
             ``onnx.ModelProto`` or a ``torch.nn.Module`` (exported at opset 17 with the shapes of the
             first calibration sample).
         calib: None (the example's set), a folder of ``.npy``/``.npz`` files, or an iterable of samples.
@@ -167,6 +168,11 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         raise BadInputError(f"--heldout-samples {opts.heldout_samples}: give a positive number of samples")
     if not 0.0 <= opts.ema_momentum < 1.0:
         raise BadInputError(f"--ema-momentum {opts.ema_momentum}: an EMA needs 0 <= momentum < 1")
+    if isinstance(model, ExampleData):  # prepared data, e.g. a distilled student with its example's splits
+        ref = canonicalize(model.model)
+        cal = model.calibration if calib is None else _user_calibration(calib, ref)
+        return _with_eval(Inputs(ref, cal, model.heldout, model.task, f"prepared:{model.calibration.name}",
+                                 model.split, opts.metric or model.metric), opts)
     if model is None or (isinstance(model, str) and model in EXAMPLES):
         name = model or DEFAULT_EXAMPLE
         ex = get_example(name)
@@ -382,7 +388,7 @@ def provenance() -> dict[str, Any]:
     return {"deployer": __version__, "python": platform.python_version(), "libraries": versions}
 
 
-DEPLOY_OUTPUT_MARKERS = ("report.json", "plan.json")
+DEPLOY_OUTPUT_MARKERS = ("report.json", "plan.json", "distill_report.json")
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, protected: Sequence[Any] = ()) -> None:
