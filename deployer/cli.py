@@ -16,7 +16,7 @@ from typing import Any
 from calibration.observers import OBSERVERS
 from deployer.errors import DeployerError
 
-SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend")
+SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensorrt: build a version-compatible engine (runs on later TensorRT runtimes)")
     p.add_argument("--trt-hardware-compatibility", choices=("ampere_plus", "same_compute_capability"),
                    help="tensorrt: engine hardware-compatibility level (default: this GPU only)")
+    p.add_argument("--distill", metavar="STUDENT", default=None,
+                   help="distil the example (--model mnist|minilm) into STUDENT (shrink, shrink:W, module:function) "
+                        "first, then deploy the student; distillation outputs go to <out>/distill/")
+    from deployer.distill.cli import add_train_flags
+
+    add_train_flags(p, prefix="distill-")
     return p
 
 
@@ -226,8 +232,16 @@ def cmd_deploy(argv: Sequence[str]) -> int:
     from deployer.errors import GateFailedError
 
     try:
-        result = run_deploy(a.model, a.calib, a.out, opts, a.plan,
-                            progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log)
+        if a.distill is not None:
+            from deployer.distill.cli import options_from
+            from deployer.distill.run import deploy_with_distill
+
+            result = deploy_with_distill(a.model, a.distill, a.out, opts, options_from(a, "distill_"),  # type: ignore[arg-type]
+                                         progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log,
+                                         distill_progress=not (a.quiet or a.json) and sys.stderr.isatty())
+        else:
+            result = run_deploy(a.model, a.calib, a.out, opts, a.plan,
+                                progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log)
     except GateFailedError as e:  # outputs were written: show them, then exit 1
         written = getattr(e.result, "report", None)
         if written is not None and a.json:
@@ -287,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(args[1:])
         if args and args[0] == "check":
             return cmd_check(args[1:])
+        if args and args[0] == "distill":
+            from deployer.distill.cli import cmd_distill
+
+            return cmd_distill(args[1:])
         if args and args[0] == "recommend":
             from deployer.recommend import cmd_recommend
 
