@@ -13,15 +13,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from calibration.dataset import CalibrationSet, InputSpec, Sample, from_iterable, load_folder
+from calibration.dataset import CalibrationSet, InputSpec, Sample, from_iterable, load_folder, sha256_file
 from deployer.errors import BadInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -168,16 +169,28 @@ def preprocess_image(img: Any, spec: ImageSpec, rng: np.random.Generator) -> np.
     return np.ascontiguousarray(a[None].astype(dt))
 
 
+ADAPTER_VERSION = 2  # part of lazy sets' fingerprints: bump when the sample generation changes
+
+
 def image_folder(folder: str | Path, spec: ImageSpec | dict[str, Any] | str | Path, n: int | None = None,
                  seed: int = 0) -> CalibrationSet:
-    """Calibration samples from a folder of photos.
+    """Calibration samples from a folder of photos, produced lazily (one photo decoded per access).
 
     Args:
         folder: photos (searched recursively), sorted by name then shuffled with ``seed``.
         spec: an :class:`ImageSpec`, its dict, or a JSON/YAML file.
-        n: number of samples; with ``crop="random"`` any ``n`` (photos are reused with new crops),
-            with ``center`` at most the number of photos. None: one per photo.
-        seed: seed of the shuffle and of the random crops.
+        n: number of samples; with ``crop="random"`` any ``n`` (photos are reused round-robin with new
+            crops), with ``center`` at most the number of photos. None: one per photo.
+        seed: seed of the shuffle and of the random crops. Sample ``k``'s crop is drawn from
+            ``np.random.default_rng([seed, k])``, so it depends only on ``(seed, k)`` and any ``n``
+            gives the first ``n`` samples of one fixed stream.
+
+    Returns:
+        A lazy :class:`CalibrationSet` of ``{spec.input: array}`` (shape and dtype from ``spec``); its
+        sha256 is over the photos' bytes, the spec, ``seed``, ``n`` and :data:`ADAPTER_VERSION`.
+
+    Raises:
+        BadInputError: missing folder, no photos, more center crops than photos, a bad spec.
     """
     from PIL import Image
 
@@ -193,11 +206,17 @@ def image_folder(folder: str | Path, spec: ImageSpec | dict[str, Any] | str | Pa
     if spec.crop == "center" and count > len(order):
         raise BadInputError(f"{count} samples requested from {len(order)} photos with center crops; use "
                             f"crop: random to draw more, or fewer samples")
-    samples: list[Sample] = []
-    for k in range(count):
+    fp = hashlib.sha256(json.dumps({"adapter": "image", "version": ADAPTER_VERSION, "spec": asdict(spec),
+                                    "seed": seed, "n": count}, sort_keys=True).encode())
+    for f in order:
+        fp.update(str(f.relative_to(root)).encode() + b"\0" + sha256_file(f).encode())
+    img_spec = spec
+
+    def load(k: int) -> Sample:
         with Image.open(order[k % len(order)]) as img:
-            samples.append({spec.input: preprocess_image(img, spec, rng)})
-    return CalibrationSet(samples, name=f"images:{root}")
+            return {img_spec.input: preprocess_image(img, img_spec, np.random.default_rng([seed, k]))}
+
+    return CalibrationSet.lazy(count, load, name=f"images:{root}", fingerprint=fp.hexdigest())
 
 
 # -- text -------------------------------------------------------------------------------------------
@@ -234,13 +253,23 @@ def load_tokenizer(name: str) -> Any:
 
 def text_files(paths: str | Path | Sequence[str | Path] | Sequence[str], spec: TextSpec | dict[str, Any],
                n: int | None = None, seed: int = 0, texts: Sequence[str] | None = None) -> CalibrationSet:
-    """Calibration samples from lines of text (one sample per line, shuffled with ``seed``).
+    """Calibration samples from lines of text (one sample per line, shuffled with ``seed``), tokenized lazily.
+
+    The lines are kept in memory (text is small); each sample is tokenized when it is accessed. The
+    sha256 streams the tokenized samples.
 
     Args:
         paths: text files or a folder of ``*.txt`` (ignored when ``texts`` is given).
         spec: a :class:`TextSpec` or its dict.
         n: number of samples (at most the number of lines); None: all.
         texts: the texts themselves, instead of files.
+
+    Returns:
+        A lazy :class:`CalibrationSet` of ``{input: int array [1, max_length]}`` for ``spec.inputs``.
+
+    Raises:
+        BadInputError: no text, more samples than lines, a tokenizer not available offline or not
+            producing ``spec.inputs``.
     """
     if isinstance(spec, dict):
         spec = TextSpec.from_dict(spec)
@@ -252,14 +281,20 @@ def text_files(paths: str | Path | Sequence[str | Path] | Sequence[str], spec: T
         order = order[:n]
     tok = load_tokenizer(spec.tokenizer)
     dt = np.dtype(spec.dtype)
-    samples: list[Sample] = []
-    for i in order:
-        enc = tok(lines[int(i)], padding="max_length", truncation=True, max_length=spec.max_length, return_tensors="np")
-        missing = [k for k in spec.inputs if k not in enc]
+    text_spec = spec
+
+    def load(k: int) -> Sample:
+        enc = tok(lines[int(order[k])], padding="max_length", truncation=True, max_length=text_spec.max_length,
+                  return_tensors="np")
+        missing = [key for key in text_spec.inputs if key not in enc]
         if missing:
-            raise BadInputError(f"tokenizer {spec.tokenizer!r} does not produce {missing}")
-        samples.append({k: np.asarray(enc[k]).astype(dt) for k in spec.inputs})
-    return CalibrationSet(samples, name=f"text:{paths if texts is None else 'texts'}")
+            raise BadInputError(f"tokenizer {text_spec.tokenizer!r} does not produce {missing}")
+        return {key: np.asarray(enc[key]).astype(dt) for key in text_spec.inputs}
+
+    cs = CalibrationSet.lazy(len(order), load, name=f"text:{paths if texts is None else 'texts'}")
+    if len(cs):
+        cs[0]  # a tokenizer that lacks an input fails here, not mid-calibration
+    return cs
 
 
 # -- dispatch and split -----------------------------------------------------------------------------
@@ -281,18 +316,20 @@ def load_calibration(folder: str | Path, inputs: Sequence[InputSpec], n: int | N
         cs = text_files(root, d, n, seed)
     else:
         raise BadInputError(f"{spec_path}: 'kind' must be 'image' or 'text', got {kind!r}")
-    cs.validate(inputs)
+    cs.validate(inputs, full=False)  # the first sample now, the others as they are produced
     return cs
 
 
 def split_samples(samples: Sequence[Sample], n_calib: int, n_heldout: int, seed: int = 0
                   ) -> tuple[CalibrationSet, CalibrationSet]:
     """Seeded shuffle, then the first ``n_calib`` calibrate and the next ``n_heldout`` are held out
-    (disjoint by construction)."""
+    (disjoint by construction). Both are views of ``samples`` (lazy when it is).
+
+    Raises:
+        BadInputError: ``n_calib + n_heldout`` exceeds the number of samples.
+    """
     if n_calib + n_heldout > len(samples):
         raise BadInputError(f"{n_calib} calibration + {n_heldout} held-out samples requested, only {len(samples)} exist")
     order = np.random.default_rng(seed).permutation(len(samples))
-    name = getattr(samples, "name", "samples")
-    cal = CalibrationSet([samples[int(i)] for i in order[:n_calib]], name)
-    held = CalibrationSet([samples[int(i)] for i in order[n_calib:n_calib + n_heldout]], name)
-    return cal, held
+    cs = samples if isinstance(samples, CalibrationSet) else CalibrationSet(samples, getattr(samples, "name", "samples"))
+    return cs.select(order[:n_calib]), cs.select(order[n_calib:n_calib + n_heldout])

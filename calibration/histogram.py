@@ -82,6 +82,9 @@ class Histogram:
         """Double the range until ``R = 2**exp`` (a no-op when already that wide)."""
         h = self.bins // 2
         steps = exp - self.exp
+        if steps > 0 and not self.counts.any():  # nothing binned yet: nothing to merge
+            self.exp = exp
+            return
         # after log2(bins) + 1 doublings every count sits in the two centre bins and stays there
         for _ in range(min(steps, int(math.log2(self.bins)) + 2)):
             padded = np.concatenate([np.zeros(h, np.int64), self.counts, np.zeros(h, np.int64)])
@@ -89,7 +92,12 @@ class Histogram:
         self.exp = max(self.exp, exp)
 
     def add(self, values: np.ndarray, lo: float | None = None, hi: float | None = None) -> None:
-        """Bin ``values`` (any shape). ``lo``/``hi`` are their min/max when the caller has them."""
+        """Bin ``values`` (any shape, float or int).
+
+        ``lo``/``hi``: bounds of the values when the caller has them (their min/max, or the min/max of
+        the whole tensor they were drawn from); the range widens to cover them. Omitted: computed.
+        Non-finite values are counted in ``nonfinite`` and not binned.
+        """
         v = np.asarray(values)
         if v.size == 0:
             return

@@ -17,7 +17,15 @@ variant (``ObserverParams(symmetric=True)``) searches one threshold ``t`` on ``|
   ``PercentileCalibrater``; NVIDIA pytorch-quantization ``percentile``).
 - ``entropy``: the threshold minimising KL(P || Q) between the clipped reference distribution and its
   128-level quantization, searched from 128 to 2048 bins, coarse-to-fine (Migacz, "8-bit Inference with TensorRT",
-  GTC 2017; ONNX Runtime ``EntropyCalibrater``, which with its default 128 bins degenerates).
+  GTC 2017; ONNX Runtime ``EntropyCalibrater``, which with its default 128 bins degenerates), never below
+  the 99.9th percentile of the values (``ObserverParams.entropy_floor``; without it the search collapses
+  on spiky distributions such as global-average-pool outputs of ReLU networks).
+
+Rule for the histogram observers (percentile, entropy, mse), applied by the pipeline
+(:func:`calibration.collect.unclipped_tensors`): the network outputs, and the logits that feed a final
+Softmax/LogSoftmax, keep their min/max range. Clipping them flattens the top of the ranking (the
+largest logits all become the clip value) and destroys top-1 agreement, whatever the KL or MSE says
+about the bulk of the distribution.
 - ``mse``: the clipping threshold minimising the expected squared quantization error (rounding plus
   clipping) of the histogram (Banner et al., "ACIQ", 2019; NVIDIA pytorch-quantization ``mse``).
 """
@@ -52,6 +60,13 @@ class ObserverParams:
         quant_bins: levels of the entropy observer's quantized distribution (128 = int8 symmetric).
         search_bins: the entropy/MSE search runs on at most this many bins of ``|x|``.
         num_bits: integer width for the MSE observer.
+        entropy_floor: the entropy threshold is never below this percentile of the values on its
+            side (of ``|x|`` when symmetric); 0 disables the floor (plain TensorRT search). Reason:
+            the KL search degenerates on a distribution with a spike: on EfficientNet-Lite0 55% of
+            the global-average-pool outputs sit in the first bin (exact zeros of dead ReLU6
+            channels); merging that bin with its neighbours into one quantization level costs more
+            KL than clipping everything above the smallest candidate, so the search chose 1.0 for a
+            tensor reaching 5.7 (its 99.9th percentile is 3.9) and INT8 top-1 agreement collapsed.
     """
 
     percentile: float = 99.99
@@ -59,10 +74,13 @@ class ObserverParams:
     quant_bins: int = 128
     search_bins: int = 2048
     num_bits: int = 8
+    entropy_floor: float = 99.9
 
     def __post_init__(self) -> None:
         if not 0.0 < self.percentile <= 100.0:
             raise BadInputError(f"percentile {self.percentile} is outside (0, 100]; use e.g. 99.99")
+        if not 0.0 <= self.entropy_floor <= 100.0:
+            raise BadInputError(f"entropy floor {self.entropy_floor} is outside [0, 100]; use e.g. 99.9")
 
 
 @dataclass(eq=False)
@@ -134,6 +152,22 @@ class TensorStats:
         else:
             self.hist.add(hist_values)
         return lo, hi
+
+    def observe_reduced(self, lo: float, hi: float, hist_values: np.ndarray, bins: int = DEFAULT_BINS) -> None:
+        """Fold a tensor whose min/max the caller computed into min/max and the histogram (not the EMA).
+
+        Args:
+            lo, hi: the whole tensor's min and max (the histogram widens to cover them, so it depends
+                only on the data, whatever subset is binned).
+            hist_values: the values to bin: all of them, or a fixed subset
+                (:func:`calibration.collect.subset_indices`).
+            bins: histogram bins when the histogram is created.
+        """
+        self.min = min(self.min, lo)
+        self.max = max(self.max, hi)
+        if self.hist is None:
+            self.hist = Histogram(bins)
+        self.hist.add(hist_values, lo, hi)
 
     def ema_step(self, bmin: float, bmax: float, momentum: float) -> None:
         """One EMA step with a batch's min/max."""
@@ -374,29 +408,47 @@ def kl_divergence(hist: np.ndarray, i: int, quant_bins: int) -> float:
     return float(np.sum(ps[m] * np.log(ps[m] / qs[m])))
 
 
-def kl_search(hist: np.ndarray, quant_bins: int, stride: int = 16) -> int:
-    """The ``i`` in ``quant_bins .. len(hist)`` with the least KL divergence.
+def kl_search(hist: np.ndarray, quant_bins: int, stride: int = 16, start: int | None = None) -> int:
+    """The ``i`` in ``start .. len(hist)`` with the least KL divergence (``start`` defaults to, and is
+    never below, ``quant_bins``).
 
     Coarse-to-fine: every ``stride``-th candidate first, then every candidate within ``stride`` of the
     best (``stride=1`` is TensorRT's exhaustive search).
     """
     n = len(hist)
-    coarse = list(range(quant_bins, n + 1, stride))
+    first = max(quant_bins, start or 0)
+    if first >= n:
+        return n
+    coarse = list(range(first, n + 1, stride))
     if coarse[-1] != n:
         coarse.append(n)
     best = min(coarse, key=lambda i: (kl_divergence(hist, i, quant_bins), i))
-    fine = range(max(quant_bins, best - stride + 1), min(n, best + stride - 1) + 1)
+    fine = range(max(first, best - stride + 1), min(n, best + stride - 1) + 1)
     return min(fine, key=lambda i: (kl_divergence(hist, i, quant_bins), i))
 
 
+def quantile_bin(counts: np.ndarray, q: float) -> int:
+    """Number of leading bins that hold at least the fraction ``q`` of the mass (``q`` in (0, 1])."""
+    cdf = np.cumsum(counts, dtype=np.float64)
+    if cdf[-1] <= 0:
+        return 0
+    return int(np.searchsorted(cdf, q * cdf[-1], side="left")) + 1
+
+
 def _entropy_threshold(counts: np.ndarray, width: float, levels: int, p: ObserverParams) -> float:
-    """Entropy threshold of a one-sided histogram (bins of ``width`` from 0)."""
+    """Entropy threshold of a one-sided histogram (bins of ``width`` from 0).
+
+    The KL search runs over candidates from ``quant_bins`` (TensorRT's 128 of 2048 bins, doubled for a
+    one-sided tensor) and from the ``p.entropy_floor`` percentile of the side's values, whichever is
+    higher (see :class:`ObserverParams`).
+    """
     c, w = _collapse(counts, width, p.search_bins)
     n = len(c)
     quant_bins = min(p.quant_bins * levels // 128, p.search_bins)
     if n <= quant_bins:
         return n * w
-    return kl_search(c, quant_bins) * w
+    floor = quantile_bin(c, p.entropy_floor / 100.0) if p.entropy_floor else 0
+    return kl_search(c, quant_bins, start=floor) * w
 
 
 def _mse_threshold(counts: np.ndarray, width: float, levels: int, p: ObserverParams) -> float:

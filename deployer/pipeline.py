@@ -27,8 +27,9 @@ import onnx
 from backends.base import Backend, LoweringContext, discover, onnx_runner, resolve_targets
 from calibration.adapters import load_calibration
 from calibration.cache import cached_statistics
+from calibration.collect import unclipped_tensors
 from calibration.dataset import CalibrationSet, from_iterable, sha256_file
-from calibration.observers import DEFAULT_EMA_MOMENTUM, OBSERVERS, Statistics, reduce_range
+from calibration.observers import DEFAULT_EMA_MOMENTUM, HISTOGRAM_OBSERVERS, OBSERVERS, Statistics, reduce_range
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
 from deployer.gates import evaluate_gates, failed
@@ -51,9 +52,10 @@ class DeployOptions:
         observer: ``minmax``, ``ema`` (the seed's EMA of per-batch min/max), ``percentile``,
             ``entropy`` or ``mse`` (see :mod:`calibration.observers`).
         recipe: preset name (``int8``, ``mixed``, ``fp16``) or a rules file.
-        calib_samples: number of calibration samples (built-in examples draw that many crops).
+        calib_samples: number of calibration samples (built-in examples draw that many crops; user data: a
+            seeded shuffle of its calibration part with ``seed``, then the first N).
         heldout_samples: number of held-out samples (built-in examples).
-        seed: fixed seed of the example split.
+        seed: fixed seed of the example split and of the --calib-samples shuffle.
         bias_correction: add empirical bias correction (Nagel et al. 2019) to the plan.
         smoothquant: SmoothQuant migration strength alpha for INT8 MatMuls with constant weights
             (Xiao et al. 2023); None = off.
@@ -182,6 +184,8 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         cal = data.calibration
         if calib is not None:
             cal = _user_calibration(calib, ref)
+            if opts.calib_samples is not None:
+                cal = cal.shuffled(opts.seed)[: opts.calib_samples]
         return _with_eval(Inputs(ref, cal, data.heldout, data.task, f"example:{name}", data.split,
                                  opts.metric or data.metric), opts)
     if isinstance(model, (str, Path)):
@@ -220,8 +224,8 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     else:
         held = cal
         split = f"user calibration set of {n} samples: too few to hold out, verification reuses them"
-    if opts.calib_samples is not None:
-        cal = CalibrationSet(list(cal)[: opts.calib_samples], cal.name)
+    if opts.calib_samples is not None:  # a seeded shuffle of the calibration part, then the first N
+        cal = cal.shuffled(opts.seed)[: opts.calib_samples]
     task = "classification" if _looks_like_classifier(ref) else "generic"
     if not isinstance(model, (str, Path)):
         imported = None
@@ -309,6 +313,9 @@ def compute_statistics(inputs: Inputs, options: DeployOptions, progress: Progres
 def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> QuantPlan:
     """Reduce statistics with the chosen observer and apply the recipe.
 
+    Under a clipping observer (percentile, entropy, mse) the network outputs and pre-softmax logits
+    keep their min/max range (:func:`calibration.collect.unclipped_tensors`).
+
     Raises:
         BadInputError: unknown observer or recipe.
     """
@@ -319,11 +326,13 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
     from deployer.patterns import MASK_MAGNITUDE, mask_paths
 
     masks = mask_paths(inputs.reference)
+    keep = unclipped_tensors(inputs.reference)  # outputs/logits: min/max under clipping observers
     ranges = {}
     for name, st in stats.tensors.items():
         if name in masks:
             continue
-        lo, hi = reduce_range(st, options.observer)
+        observer = "minmax" if name in keep and options.observer in HISTOGRAM_OBSERVERS else options.observer
+        lo, hi = reduce_range(st, observer)
         if not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) >= MASK_MAGNITUDE:
             continue  # mask-like values (-inf, float min): never quantized (DESIGN.md section 3)
         ranges[name] = TensorRange(lo, hi)
@@ -581,8 +590,8 @@ def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: l
         if p is not None:
             policy, simulated_by = p, f"{b.name} Q/DQ policy"
             break
-    cal = list(inputs.calibration)
-    search_samples = cal[:: max(1, len(cal) // 256)][:256]
+    cal = inputs.calibration  # lazy: only the chosen samples are loaded
+    search_samples = list(cal[:: max(1, len(cal) // 256)][:256])
     rank_samples = search_samples[:: max(1, len(search_samples) // 32)][:32]
     metric = relative_metric(inputs.task)
     ev = Evaluator(inputs.reference, search_samples, policy, metric)

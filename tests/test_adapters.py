@@ -113,3 +113,58 @@ def test_text_files_with_offline_tokenizer(tmp_path):
     assert first["attention_mask"][0].tolist() == [1] * 4 + [0] * 12
     with pytest.raises(BadInputError, match="offline"):
         text_files(f, {"tokenizer": str(tmp_path / "nope")})
+
+
+def test_calib_samples_is_a_seeded_shuffle_of_a_user_folder(tmp_path):
+    """--calib-samples N on user data: a seeded shuffle of the calibration part (never the held-out
+    part), then the first N; loaded lazily."""
+    from onnx import TensorProto, helper
+
+    from deployer.pipeline import DeployOptions, load_inputs
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    d = tmp_path / "calib"
+    d.mkdir()
+    for i in range(20):
+        np.save(d / f"s{i:02d}.npy", np.full((1, 2), i, np.float32))
+
+    def ids(cs):
+        return [int(s["x"][0, 0]) for s in cs]
+
+    full = load_inputs(model, d)
+    assert ids(full.calibration) == list(range(16)) and ids(full.heldout) == [16, 17, 18, 19]
+    a = load_inputs(model, d, DeployOptions(calib_samples=5, seed=1))
+    b = load_inputs(model, d, DeployOptions(calib_samples=5, seed=1))
+    c = load_inputs(model, d, DeployOptions(calib_samples=5, seed=2))
+    assert a.calibration.is_lazy and len(a.calibration) == 5
+    assert ids(a.calibration) == ids(b.calibration) != ids(c.calibration)
+    assert ids(a.calibration) == [int(i) for i in np.random.default_rng(1).permutation(16)[:5]]
+    assert not set(ids(a.calibration)) & set(ids(a.heldout))
+    assert a.calibration.sha256() == b.calibration.sha256() != c.calibration.sha256()
+
+
+def test_image_folder_is_lazy_and_any_n_extends_the_same_stream(photos):
+    spec = {"input": "img", "size": [16, 16], "resize": 24, "crop": "random", "layout": "NHWC"}
+    small, big = image_folder(photos, spec, n=4, seed=1), image_folder(photos, spec, n=9, seed=1)
+    assert small.is_lazy and big.is_lazy
+    for k in range(4):  # crop k depends on (seed, k) only
+        np.testing.assert_array_equal(small[k]["img"], big[k]["img"])
+    assert small.sha256() != big.sha256() == image_folder(photos, spec, n=9, seed=1).sha256()
+
+
+def test_example_calibration_crops_are_lazy_and_any_n():
+    pytest.importorskip("skimage")
+    pytest.importorskip("sklearn")
+    from deployer.examples.efficientnet import calibration_set
+    from deployer.examples.photos import load_photos
+
+    photos = load_photos()
+    a, b = calibration_set(3, 0, photos), calibration_set(2000, 0, photos)
+    assert a.is_lazy and len(b) == 2000  # any N, nothing produced up front
+    np.testing.assert_array_equal(a[2]["input"], b[2]["input"])
+    assert a[0]["input"].shape == (1, 3, 224, 224) and a[0]["input"].dtype == np.float32
+    assert a.sha256() == calibration_set(3, 0, photos).sha256() != calibration_set(3, 1, photos).sha256()
+    assert not np.array_equal(calibration_set(3, 1, photos)[0]["input"], a[0]["input"])

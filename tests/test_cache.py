@@ -87,6 +87,9 @@ def test_pipeline_changing_observer_rereduces_without_running_the_model(runs, tm
     assert plans["minmax"].calibration["sha256"] == plans["mse"].calibration["sha256"]
     mm, pct = plans["minmax"].ranges["mm"], plans["percentile"].ranges["mm"]
     assert pct.min >= mm.min and pct.max <= mm.max
+    for obs in ("entropy", "percentile", "mse"):  # the network output keeps its min/max range
+        out = plans[obs].ranges["y"]
+        assert (out.min, out.max) == (plans["minmax"].ranges["y"].min, plans["minmax"].ranges["y"].max)
     plan_only(m, cs, tmp_path / "again.json", DeployOptions(observer="entropy", no_cache=True))
     assert runs["run"] > after_first
 

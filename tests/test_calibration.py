@@ -372,3 +372,96 @@ def test_collect_sharded_merge_matches_one_pass_minmax():
         # the second shard holds one EMA batch: the merge is exact there
         assert merged.tensors[name].ema_max == pytest.approx(one.tensors[name].ema_max)
         assert merged.tensors[name].ema_min == pytest.approx(one.tensors[name].ema_min)
+
+
+# -- lazy sets and streaming -----------------------------------------------------------------------
+
+
+def test_load_folder_is_lazy_and_hashes_like_the_in_memory_set(tmp_path):
+    for i in range(4):
+        np.save(tmp_path / f"s{i}.npy", _x(i))
+    cs = load_folder(tmp_path, SPEC)
+    assert cs.is_lazy and len(cs) == 4
+    eager = CalibrationSet([{"x": _x(i)} for i in range(4)])
+    assert cs.sha256() == eager.sha256()
+    np.testing.assert_array_equal(cs[-1]["x"], _x(3))
+    view = cs[1:3]
+    assert view.is_lazy and len(view) == 2 and view.sha256() == eager[1:3].sha256()
+    np.save(tmp_path / "s0.npy", _x(9))  # read on access: the file's current content
+    np.testing.assert_array_equal(cs[0]["x"], _x(9))
+
+
+def test_lazy_set_select_shuffled_and_fingerprint():
+    loads = []
+
+    def load(i: int) -> dict[str, np.ndarray]:
+        loads.append(i)
+        return {"x": _x(i)}
+
+    cs = CalibrationSet.lazy(10, load, "gen", fingerprint="gen v1 seed 0 n 10")
+    assert loads == []  # nothing produced up front
+    h = cs.sha256()
+    assert loads == [] and h == CalibrationSet.lazy(10, load, "gen", fingerprint="gen v1 seed 0 n 10").sha256()
+    assert h != CalibrationSet.lazy(10, load, "gen", fingerprint="gen v1 seed 1 n 10").sha256()
+    a, b = cs.shuffled(3), cs.shuffled(3)
+    assert [s["x"][0, 0, 0, 0] for s in a] == [s["x"][0, 0, 0, 0] for s in b]
+    assert a.sha256() == b.sha256() != h and cs.shuffled(4).sha256() != a.sha256()
+    first3 = cs.shuffled(3)[:3]
+    order = np.random.default_rng(3).permutation(10)[:3]
+    loads.clear()
+    assert [float(s["x"][0, 0, 0, 0]) for s in first3] == [float(_x(int(i))[0, 0, 0, 0]) for i in order]
+    assert loads == [int(i) for i in order]  # only those three were produced
+    with pytest.raises(IndexError):
+        cs.select([10])
+
+
+def test_lazy_validation_on_access_names_the_sample():
+    def load(i: int) -> dict[str, np.ndarray]:
+        x = _x(i)
+        if i == 2:
+            x[0, 0, 0, 0] = np.nan
+        return {"x": x}
+
+    cs = CalibrationSet.lazy(4, load, "gen")
+    cs.validate(SPEC, full=False)  # sample 0 only
+    with pytest.raises(BadInputError, match="sample 2 .*NaN"):
+        list(cs)
+    with pytest.raises(BadInputError, match="sample 2 .*NaN"):
+        CalibrationSet.lazy(4, load, "gen").validate(SPEC)
+
+
+def test_from_iterable_generator_factory_and_sequence_are_lazy():
+    def factory():
+        return ({"x": _x(i)} for i in range(5))
+
+    cs = from_iterable(factory, SPEC)
+    assert cs.is_lazy and len(cs) == 5
+    np.testing.assert_array_equal(cs[3]["x"], _x(3))
+    np.testing.assert_array_equal(cs[1]["x"], _x(1))  # restarts the generator
+    assert cs.sha256() == CalibrationSet([{"x": _x(i)} for i in range(5)]).sha256()
+    seq = from_iterable([_x(0), _x(1)], SPEC)
+    assert seq.is_lazy and set(seq[1]) == {"x"}
+
+
+def test_collect_statistics_streams_a_lazy_set():
+    """Samples are produced on access and dropped: never more than a few alive, whatever N."""
+    import gc
+    import weakref
+
+    alive: list[weakref.ref] = []
+    peak = [0]
+    rng_seeds = range(40)
+
+    def load(i: int) -> dict[str, np.ndarray]:
+        x = (np.random.default_rng(rng_seeds[i]).standard_normal((1, 3, 6, 6)) * (1 + i % 3)).astype(np.float32)
+        alive.append(weakref.ref(x))
+        gc.collect()
+        peak[0] = max(peak[0], sum(r() is not None for r in alive))
+        return {"x": x}
+
+    lazy = CalibrationSet.lazy(40, load, "gen")
+    stats = collect_statistics(conv_relu_model(), lazy, ema_batch=4)
+    assert peak[0] <= 3  # the sample being run, the one being reduced, the new one
+    eager = collect_statistics(conv_relu_model(), [load(i) for i in range(40)], ema_batch=4)
+    for n in stats.tensors:
+        assert stats.tensors[n] == eager.tensors[n]

@@ -197,3 +197,43 @@ def test_percentile_param_validated():
 
     with pytest.raises(BadInputError, match="percentile"):
         ObserverParams(percentile=0.0)
+
+
+def test_entropy_does_not_degenerate_on_a_spike_at_zero():
+    """The EfficientNet-Lite0 global-average-pool case: 55% exact zeros (dead ReLU channels) and a
+    smooth tail to 5.7. Plain KL search (no floor) picks its first candidate -- 256 of the 1,454
+    collapsed bins, 1.0 -- because merging the spike bin with its neighbours into one level costs more
+    KL than clipping 10% of the values; the percentile floor keeps the threshold at or above the
+    99.9th percentile."""
+    rng = np.random.default_rng(0)
+    n = 100_000
+    x = np.concatenate([np.zeros(int(0.55 * n)), np.minimum(rng.exponential(0.6, n - int(0.55 * n)), 5.675)])
+    x = x.astype(np.float32)
+    s = stats_of(x)
+    assert s.hist.exp == 3  # R = 8, 8192 bins of 1/512; positive side trimmed at 5.675 -> 2906 bins, merged by 2
+    q999 = float(np.quantile(x, 0.999))
+    lo, hi = reduce_range(s, "entropy", ObserverParams(entropy_floor=0.0))
+    assert (lo, hi) == (0.0, 1.0)  # degenerate: 256 bins of 1/256
+    assert float(np.mean(x > hi)) > 0.05  # clips more than 5% of the values
+    lo, hi = reduce_range(s, "entropy")
+    assert lo == 0.0 and q999 - 1 / 256 <= hi <= 5.675
+    with pytest.raises(Exception, match="entropy floor"):
+        ObserverParams(entropy_floor=101.0)
+
+
+def test_network_outputs_and_logits_are_not_clipped():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibration.collect import unclipped_tensors
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Reshape", ["logits", "shape"], ["r"]),
+             helper.make_node("Softmax", ["r"], ["prob"]), helper.make_node("Relu", ["x"], ["feat"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("prob", TensorProto.FLOAT, [1, 3]),
+                           helper.make_tensor_value_info("feat", TensorProto.FLOAT, [1, 4])],
+                          [w, numpy_helper.from_array(np.array([1, 3], np.int64), "shape")])
+    m = helper.make_model(g)
+    assert unclipped_tensors(m) == {"prob", "feat", "r", "logits"}  # followed back through the Reshape
+    m.graph.node[2].op_type = "Sigmoid"  # not a softmax: only the outputs keep their range
+    assert unclipped_tensors(m) == {"prob", "feat"}

@@ -170,7 +170,7 @@ class TensorRTBackend:
         fp16_model, _ = lower_qdq(ctx.fp32, ctx.plan.with_nodes(decide(ctx.fp32, PRESETS["fp16"])), POLICY)
         fp16_path = path.with_name("model_fp16.onnx")
         onnx.save(fp16_model, str(fp16_path))
-        samples = list(ctx.calibration)[:64]
+        samples = list(ctx.calibration[:64])  # loads only those (the set may be lazy)
         out: dict[str, Any] = {}
         for label, src, engine in (("int8_fp16", path, "model.engine"), ("fp16", fp16_path, "model_fp16.engine"),
                                    ("fp32", fp32_path, "model_fp32.engine")):

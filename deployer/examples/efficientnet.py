@@ -10,7 +10,8 @@ import numpy as np
 from calibration.dataset import CalibrationSet
 from deployer.errors import BackendUnavailableError
 from deployer.examples import ExampleData
-from deployer.examples.photos import CALIBRATION_PHOTOS, HELDOUT_PHOTOS, load_photos, random_crops
+from deployer.examples.photos import (CALIBRATION_PHOTOS, HELDOUT_PHOTOS, crop_at, load_photos, photos_fingerprint,
+                                      random_crops)
 
 INPUT_NAME = "input"
 MEAN, STD = 127.0, 128.0
@@ -41,8 +42,24 @@ def preprocess(crop: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
+def calibration_set(n: int, seed: int, photos: dict[str, np.ndarray] | None = None) -> CalibrationSet:
+    """``n`` calibration crops of :data:`CALIBRATION_PHOTOS`, produced lazily (crop ``k`` is cut when
+    sample ``k`` is accessed: :func:`~deployer.examples.photos.crop_at` with ``seed``), so memory does not
+    grow with ``n`` and any ``n`` works. Samples: ``{"input": float32 [1, 3, 224, 224]}``. The sha256
+    is over the photos, ``seed``, ``n`` and the crop recipe, without producing the crops.
+    """
+    photos = load_photos() if photos is None else photos
+    src = [photos[name] for name in CALIBRATION_PHOTOS]
+    fp = f"efficientnet-lite0 crops v2; seed {seed}; n {n}; size 224; (x-{MEAN})/{STD}; photos {photos_fingerprint(src)}"
+    return CalibrationSet.lazy(n, lambda k: {INPUT_NAME: preprocess(crop_at(src, k, 224, seed))},
+                               "efficientnet-lite0:calibration", fingerprint=fp)
+
+
 def build(n_calib: int, n_heldout: int, seed: int) -> ExampleData:
-    """Export the model and cut calibration/held-out crops from disjoint photos (fixed ``seed``)."""
+    """Export the model and cut calibration/held-out crops from disjoint photos (fixed ``seed``).
+
+    Calibration crops are lazy (:func:`calibration_set`); held-out crops are in memory.
+    """
     import contextlib
     import io
     import warnings
@@ -54,13 +71,11 @@ def build(n_calib: int, n_heldout: int, seed: int) -> ExampleData:
         warnings.simplefilter("ignore")
         model = export_torch(module, {INPUT_NAME: np.zeros((1, 3, 224, 224), np.float32)}, ["logits"])
     photos = load_photos()
-    rng_c = np.random.default_rng(seed)
     rng_h = np.random.default_rng(seed + 1)
-    calib = random_crops([photos[n] for n in CALIBRATION_PHOTOS], n_calib, 224, rng_c)
     held = random_crops([photos[n] for n in HELDOUT_PHOTOS], n_heldout, 224, rng_h)
     return ExampleData(
         model=model,
-        calibration=CalibrationSet([{INPUT_NAME: preprocess(c)} for c in calib], "efficientnet-lite0:calibration"),
+        calibration=calibration_set(n_calib, seed, photos),
         heldout=CalibrationSet([{INPUT_NAME: preprocess(c)} for c in held], "efficientnet-lite0:heldout"),
         task="classification",
         split=(f"random crops, seed {seed}; calibration photos {list(CALIBRATION_PHOTOS)}; "

@@ -119,6 +119,13 @@ def _samples(tokenizer: Any, texts: Sequence[str]) -> list[dict[str, np.ndarray]
     return [{INPUT_NAMES[0]: ids[i:i + 1], INPUT_NAMES[1]: mask[i:i + 1]} for i in range(len(texts))]
 
 
+def lazy_samples(tokenizer: Any, texts: Sequence[str], name: str) -> CalibrationSet:
+    """A lazy set: text ``k`` is tokenized (:func:`tokenize`, int64 [1, SEQ] ``input_ids`` and
+    ``attention_mask``) when sample ``k`` is accessed; only the strings are held in memory."""
+    texts = list(texts)
+    return CalibrationSet.lazy(len(texts), lambda k: _samples(tokenizer, [texts[k]])[0], name)
+
+
 class TopicProbe:
     """Topic-classification accuracy of held-out embeddings under a probe trained on FP32 embeddings.
 
@@ -195,7 +202,7 @@ def build(n_calib: int, n_heldout: int, seed: int, n_probe: int = PROBE_TRAIN,
                        len(corpus.topics))
     return ExampleData(
         model=model,
-        calibration=CalibrationSet(_samples(tokenizer, [texts[i] for i in calib_idx]), "minilm:fortunes-calibration"),
+        calibration=lazy_samples(tokenizer, [texts[i] for i in calib_idx], "minilm:fortunes-calibration"),
         heldout=CalibrationSet(_samples(tokenizer, [texts[i] for i in held_idx]), "minilm:fortunes-heldout"),
         task="embedding",
         split=(f"fortunes texts, {len(corpus.topics)} topics with >= {fortunes_data.MIN_TEXTS_PER_TOPIC} texts "

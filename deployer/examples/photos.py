@@ -34,6 +34,26 @@ def load_photos() -> dict[str, np.ndarray]:
     return out
 
 
+def crop_at(photos: list[np.ndarray], k: int, size: int, seed: int) -> np.ndarray:
+    """Crop ``k`` of a seeded stream: photo ``k % len(photos)``, drawn with ``default_rng([seed, k])``.
+
+    Deterministic per index (so any number of crops can be drawn, lazily, in any order); same recipe
+    as :func:`random_crops`. Returns a uint8 HWC array (``size`` x ``size`` x 3).
+    """
+    return random_crops([photos[k % len(photos)]], 1, size, np.random.default_rng([seed, k]))[0]
+
+
+def photos_fingerprint(photos: list[np.ndarray]) -> str:
+    """sha256 over the photos' shapes and bytes (part of a lazy crop set's content hash)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for im in photos:
+        h.update(str(im.shape).encode())
+        h.update(np.ascontiguousarray(im).tobytes())
+    return h.hexdigest()
+
+
 def random_crops(photos: list[np.ndarray], n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """``n`` random square crops (side 25-100% of the short edge), resized to ``size``, random h-flip.
 
