@@ -29,26 +29,25 @@ def forward_batched(module: nn.Module, data: dict[str, torch.Tensor], batch: int
     text, which changes nothing in a masked encoder and saves most of the compute.
     """
     n = len(next(iter(data.values())))
-    idx = np.arange(n) if rows is None else np.asarray(rows)
+    rows_ = np.arange(n) if rows is None else np.asarray(rows)
+    pos = np.arange(len(rows_))  # output positions, processed in order of text length
     mask = data.get("attention_mask")
     if mask is not None:
-        lengths = mask[idx].sum(dim=1).numpy()
-        idx = idx[np.argsort(lengths, kind="stable")]
+        lengths = mask[torch.from_numpy(rows_)].sum(dim=1).numpy()
+        pos = pos[np.argsort(lengths, kind="stable")]
     outs: list[np.ndarray] = []
-    order: list[np.ndarray] = []
     module.eval()
     with torch.inference_mode():
-        for s in range(0, len(idx), batch):
-            r = idx[s:s + batch]
+        for s in range(0, len(pos), batch):
+            r = torch.from_numpy(rows_[pos[s:s + batch]])
             args = [v[r] for v in data.values()]
             if mask is not None:
                 width = max(1, int(mask[r].sum(dim=1).max()))
                 args = [a[:, :width] for a in args]
             outs.append(module(*args).float().numpy())
-            order.append(r)
     res = np.concatenate(outs)
     out = np.empty_like(res)
-    out[np.argsort(np.concatenate(order))] = res
+    out[pos] = res
     return out
 
 

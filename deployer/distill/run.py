@@ -203,6 +203,9 @@ def make_loss(source: Source, student: nn.Module, opts: DistillOptions
     hidden: HiddenStateLoss | None = None
     amap: dict[int, int] = {}
     if t_cap.encoder is not None and s_cap.encoder is not None and opts.hidden_weight + opts.attention_weight > 0:
+        for enc in (t_cap.encoder, s_cap.encoder):  # sdpa/flash attention return no attention maps
+            if getattr(enc.config, "_attn_implementation", "eager") != "eager" and hasattr(enc, "set_attn_implementation"):
+                enc.set_attn_implementation("eager")
         nt, ns = teacher_cfg = t_cap.encoder.config.num_hidden_layers, s_cap.encoder.config.num_hidden_layers
         del teacher_cfg
         hmap = every_other_layer_map(ns, nt, with_embeddings=True)
@@ -319,7 +322,8 @@ def _run(teacher: str, student: str, data: str | None, out: Path, opts: DistillO
         shutil.rmtree(ckpt, ignore_errors=True)
     cfg = LoopConfig(epochs=opts.epochs, batch_size=opts.batch_size or int(defaults["batch_size"]),
                      lr=opts.lr or float(defaults["lr"]), seed=opts.seed, max_seconds=opts.max_seconds,
-                     checkpoint_every=opts.checkpoint_every)
+                     checkpoint_every=opts.checkpoint_every,
+                     length_key="attention_mask" if "attention_mask" in source.train else None)
     threads = torch.get_num_threads()
     record = train_loop(stu, loss_fn, source.train, source.train_labels if source.kind == "classification" else None,
                         extra, cfg, ckpt / "distill.pt", key, opts.resume, progress, "distill", log)
@@ -339,7 +343,8 @@ def _run(teacher: str, student: str, data: str | None, out: Path, opts: DistillO
         plan, ref = _plan_for(_export(stu, source), source, opts)
         handle = apply_fake_quant(stu, ref, plan)
         qcfg = LoopConfig(epochs=opts.qat_epochs, batch_size=cfg.batch_size, lr=cfg.lr / 10, seed=opts.seed + 1,
-                          max_seconds=opts.qat_max_seconds, checkpoint_every=opts.checkpoint_every)
+                          max_seconds=opts.qat_max_seconds, checkpoint_every=opts.checkpoint_every,
+                          length_key=cfg.length_key)
         try:
             qrec = train_loop(stu, loss_fn, source.train,
                               source.train_labels if source.kind == "classification" else None, extra, qcfg,
@@ -357,6 +362,12 @@ def _run(teacher: str, student: str, data: str | None, out: Path, opts: DistillO
     fid, metric = evaluate(source, source.teacher, stu, opts.seed)
     student_onnx = _export(stu, source)
     t_params, s_params = count_params(source.teacher), count_params(stu)
+    encoder_params: dict[str, Any] = {}
+    t_enc, s_enc = find_transformer(source.teacher), find_transformer(stu)
+    if t_enc is not None and s_enc is not None:
+        te, se = count_params(t_enc[1].encoder), count_params(s_enc[1].encoder)  # type: ignore[arg-type]
+        encoder_params = {"encoder_parameters": {"teacher": te, "student": se, "ratio": round(se / te, 6)},
+                          "note": "the word-embedding table is shared in size by teacher and student"}
     report: dict[str, Any] = {
         "schema_version": "1.0", "kind": "distill",
         "teacher": {"spec": source.name, "parameters": t_params,
@@ -365,6 +376,7 @@ def _run(teacher: str, student: str, data: str | None, out: Path, opts: DistillO
         "student": {"spec": student, **stu_desc, "parameters": s_params,
                     "onnx_bytes": len(student_onnx.SerializeToString()), "state_dict_bytes": state_dict_bytes(stu)},
         "parameter_ratio": round(s_params / t_params, 6),
+        **encoder_params,
         "data": {"task": source.kind, "split": source.split, "train_samples": len(next(iter(source.train.values()))),
                  "calibration_samples": len(source.calibration)},
         "fidelity": fid,
