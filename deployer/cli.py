@@ -238,7 +238,8 @@ def cmd_deploy(argv: Sequence[str]) -> int:
 
             result = deploy_with_distill(a.model, a.distill, a.out, opts, options_from(a, "distill_"),  # type: ignore[arg-type]
                                          progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log,
-                                         distill_progress=not (a.quiet or a.json) and sys.stderr.isatty())
+                                         distill_progress=not (a.quiet or a.json) and sys.stderr.isatty(),
+                                         calib=a.calib, plan=a.plan)
         else:
             result = run_deploy(a.model, a.calib, a.out, opts, a.plan,
                                 progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log)

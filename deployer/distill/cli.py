@@ -24,6 +24,8 @@ def add_train_flags(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}batch-size", type=int, default=None, help="batch size (default per task: 64 / 16 / 32)")
     p.add_argument(f"--{prefix}lr", type=float, default=None, help="Adam learning rate (default per task)")
     p.add_argument(f"--{prefix}threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(f"--{prefix}resume", action="store_true",
+                   help="continue from the checkpoint an interrupted run left beside --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of split, initialisation and batch order (default 0)")
     p.add_argument("--calib-samples", type=int, default=None, help="calibration samples for the QAT plan")
     p.add_argument("--heldout-samples", type=int, default=None, help="held-out samples of the fidelity report")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     add_train_flags(p)
     add_output_flags(p)
@@ -55,7 +56,7 @@ def options_from(a: argparse.Namespace, prefix: str = "") -> object:
     g = lambda name: getattr(a, prefix + name)  # noqa: E731
     return DistillOptions(epochs=g("epochs"), alpha=g("alpha"), temperature=parse_temperature(g("temperature")),
                           qat_epochs=g("qat_epochs"), max_seconds=g("max_seconds"), batch_size=g("batch_size"),
-                          lr=g("lr"), threads=g("threads"))
+                          lr=g("lr"), threads=g("threads"), resume=g("resume"))
 
 
 def cmd_distill(argv: Sequence[str]) -> int:
@@ -66,7 +67,7 @@ def cmd_distill(argv: Sequence[str]) -> int:
     opts = options_from(a)
     assert isinstance(opts, DistillOptions)
     opts.seed, opts.calib_samples, opts.heldout_samples = a.seed, a.calib_samples, a.heldout_samples
-    opts.resume, opts.overwrite = a.resume, a.overwrite
+    opts.overwrite = a.overwrite
     quiet = a.quiet or a.json
 
     def log(msg: str) -> None:

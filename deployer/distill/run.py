@@ -62,6 +62,7 @@ class DistillOptions:
         checkpoint_every: steps between checkpoints.
         threads: torch CPU threads for the run (None: torch's setting; restored afterwards). On a shared
             2-core machine 1 thread trains a small CNN several times faster than 2.
+        checkpoint_dir: where checkpoints go (None: ``.<out>.distill-checkpoint/`` beside ``out``).
         resume: continue from the checkpoint beside ``out``.
         overwrite: replace an existing output.
     """
@@ -83,6 +84,7 @@ class DistillOptions:
     observer: str = "minmax"
     checkpoint_every: int = 200
     threads: int | None = None
+    checkpoint_dir: str | None = None
     resume: bool = False
     overwrite: bool = False
 
@@ -132,7 +134,7 @@ def checkpoint_dir(out: Path) -> Path:
 
 def _key(teacher: str, student: str, data: str | None, opts: DistillOptions) -> str:
     d = asdict(opts)
-    for k in ("resume", "overwrite", "checkpoint_every", "max_seconds", "qat_max_seconds", "threads"):
+    for k in ("resume", "overwrite", "checkpoint_every", "max_seconds", "qat_max_seconds", "threads", "checkpoint_dir"):
         d.pop(k)
     return hashlib.sha256(json.dumps([teacher, student, data, d], sort_keys=True, default=str).encode()).hexdigest()
 
@@ -316,7 +318,7 @@ def _run(teacher: str, student: str, data: str | None, out: Path, opts: DistillO
     log(f"student: {stu_desc['rule']}; {count_params(stu):,} parameters (teacher {count_params(source.teacher):,})")
     defaults = DEFAULTS[source.kind]
     loss_fn, extra, loss_desc = make_loss(source, stu, opts)
-    ckpt = checkpoint_dir(out)
+    ckpt = Path(opts.checkpoint_dir) if opts.checkpoint_dir else checkpoint_dir(out)
     key = _key(teacher, student, data, opts)
     if not opts.resume and ckpt.exists():
         shutil.rmtree(ckpt, ignore_errors=True)
@@ -404,11 +406,13 @@ def _run(teacher: str, student: str, data: str | None, out: Path, opts: DistillO
 
 def deploy_with_distill(model: Any, student: str, out_dir: str | Path, deploy_options: Any,
                         distill_options: DistillOptions | None = None, progress: Any = None,
-                        log: Callable[[str], None] = lambda s: None, distill_progress: bool = False) -> Any:
+                        log: Callable[[str], None] = lambda s: None, distill_progress: bool = False,
+                        calib: Any = None, plan: Any = None) -> Any:
     """``deploy --distill SPEC``: distil the built-in example ``model`` into ``SPEC``, then deploy the student.
 
     The distillation outputs land in ``<out>/distill/``; the deployment is the ordinary one of the student's
-    ONNX with the example's calibration and held-out splits and task metric.
+    ONNX with the example's calibration and held-out splits and task metric. Checkpoints go to
+    ``.<out>.distill-checkpoint/`` beside ``out`` (``resume`` continues from them).
 
     Raises:
         BadInputError: ``model`` is not a built-in example with a teacher (mnist, minilm), or any input error.
@@ -423,9 +427,13 @@ def deploy_with_distill(model: Any, student: str, out_dir: str | Path, deploy_op
         raise BadInputError(f"--distill works on the built-in examples with a torch teacher ({', '.join(EXAMPLES)}); for "
                             f"your model run `deploy distill --teacher module:function --data DIR --out D`, then "
                             f"`deploy --model D/student.onnx --calib ...`")
+    if calib is not None or plan is not None:
+        raise BadInputError("--distill trains the student on the example's own data and computes its plan; drop "
+                            "--calib/--plan (or deploy a distilled student.onnx with them)")
     out = Path(out_dir)
     check_output_dir(out, deploy_options.overwrite)
     dopts = distill_options or DistillOptions()
+    dopts.checkpoint_dir = str(checkpoint_dir(out))
     dopts.seed = deploy_options.seed
     dopts.recipe, dopts.observer = deploy_options.recipe, deploy_options.observer
     if dopts.calib_samples is None:
