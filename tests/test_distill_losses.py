@@ -315,6 +315,14 @@ def test_cli_distill_user_factory(tmp_path, monkeypatch, capsys):
     assert 3.0 <= rep["training"]["distill"]["final_temperature"] <= 10.0
     assert rep["training"]["qat"]["fake_quantized_modules"] == 2
     assert {"teacher_accuracy", "student_accuracy", "top1_agreement"} <= set(rep["fidelity"])
+    jsonschema = pytest.importorskip("jsonschema")
+    from pathlib import Path
+
+    import deployer
+
+    schema = json.loads((Path(deployer.__file__).parent / "schemas" / "distill-report.schema.json").read_text())
+    jsonschema.validate(rep, schema)
+    jsonschema.validate(json.loads((out / "distill_report.json").read_text()), schema)
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # checkpoints and temp folders removed
     # existing output without --overwrite: exit 2, one line, untouched
     assert main(["distill", "--teacher", "userpkg.models:teacher", "--data", str(data), "--out", str(out)]) == 2
