@@ -58,6 +58,8 @@ class DistillOptions:
         qat_max_seconds: wall-time budget of the QAT phase.
         calib_samples / heldout_samples: None = the source's defaults (mnist 200/500, minilm 256/1000).
         hidden_weight / attention_weight: weights of hidden-state / attention matching (transformers).
+        freeze_word_embeddings: a transformer student keeps the teacher's word-embedding table frozen (it
+            is most of MiniLM's parameters; freezing it saves most of the optimizer's work on a CPU budget).
         recipe / observer: how the QAT plan is computed (as ``deploy``).
         checkpoint_every: steps between checkpoints.
         threads: torch CPU threads for the run (None: torch's setting; restored afterwards). On a shared
@@ -80,6 +82,7 @@ class DistillOptions:
     heldout_samples: int | None = None
     hidden_weight: float = 1.0
     attention_weight: float = 1.0
+    freeze_word_embeddings: bool = True
     recipe: str = "int8"
     observer: str = "minmax"
     checkpoint_every: int = 200
@@ -147,7 +150,8 @@ def _export(module: nn.Module, source: Source) -> onnx.ModelProto:
         return export_torch(module, source.example_input(), source.output_names)
 
 
-def _build_student(spec: str, source: Source, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+def _build_student(spec: str, source: Source, seed: int, freeze_word_embeddings: bool = False
+                   ) -> tuple[nn.Module, dict[str, Any]]:
     torch.manual_seed(seed)
     if spec.startswith("shrink"):
         example = torch.from_numpy(source.example_input()[source.input_names[0]]) if len(source.input_names) == 1 else None
@@ -157,6 +161,11 @@ def _build_student(spec: str, source: Source, seed: int) -> tuple[nn.Module, dic
         desc = {"rule": f"factory {spec}"}
     for p in student.parameters():
         p.requires_grad_(True)
+    found = find_transformer(student)
+    words = getattr(getattr(found[1], "embeddings", None), "word_embeddings", None) if found else None
+    if freeze_word_embeddings and isinstance(words, nn.Embedding):
+        words.weight.requires_grad_(False)
+        desc["frozen"] = f"word embeddings ({words.weight.numel():,} parameters, the teacher's)"
     student.train()
     try:
         with torch.no_grad():
@@ -314,7 +323,7 @@ def _run(teacher: str, student: str, data: str | None, out: Path, opts: DistillO
     check_output_dir(out, opts.overwrite, [data])
     t0 = time.perf_counter()
     source = load_source(teacher, data, opts.seed, opts.calib_samples, opts.heldout_samples, log)
-    stu, stu_desc = _build_student(student, source, opts.seed)
+    stu, stu_desc = _build_student(student, source, opts.seed, opts.freeze_word_embeddings)
     log(f"student: {stu_desc['rule']}; {count_params(stu):,} parameters (teacher {count_params(source.teacher):,})")
     defaults = DEFAULTS[source.kind]
     loss_fn, extra, loss_desc = make_loss(source, stu, opts)
