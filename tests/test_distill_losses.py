@@ -354,3 +354,47 @@ def test_deploy_distill_needs_an_example(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "m.onnx"), "--distill", "shrink", "--target", "onnxruntime",
                  "--out", str(tmp_path / "o")]) == 2
     assert "--distill works on the built-in examples" in capsys.readouterr().err
+
+
+def test_transformer_distillation_loss_end_to_end():
+    """The MiniLM path on a tiny BERT: shrink, hidden-state + attention + embedding losses, gradients."""
+    transformers = pytest.importorskip("transformers")
+    from deployer.distill.data import Source
+    from deployer.distill.run import DistillOptions, _build_student, make_loss
+
+    class Embed(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            m = attention_mask.unsqueeze(-1).float()
+            return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1)
+
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32)
+    torch.manual_seed(0)
+    teacher = Embed(transformers.BertModel(cfg)).eval()  # sdpa: the loss switches both to eager attention
+    ids = torch.randint(1, 50, (6, 8))
+    mask = torch.ones(6, 8, dtype=torch.long)
+    mask[:3, 5:] = 0
+    data = {"input_ids": ids, "attention_mask": mask}
+    src = Source("tiny", "embedding", teacher, ["input_ids", "attention_mask"], ["embedding"], data, None, data, None,
+                 [{"input_ids": ids[:1].numpy(), "attention_mask": mask[:1].numpy()}], "tiny")
+    student, desc = _build_student("shrink", src, 0, freeze_word_embeddings=True)
+    assert desc["kept_teacher_layers"] == [1, 3] and "frozen" in desc
+    loss_fn, extra, ldesc = make_loss(src, student, DistillOptions())
+    assert ldesc["hidden_state_map"] == {"student 0": "teacher 0", "student 1": "teacher 2", "student 2": "teacher 4"}
+    assert ldesc["attention_map"] == {"student layer 0": "teacher layer 1", "student layer 1": "teacher layer 3"}
+    loss = loss_fn(data, None)
+    assert torch.isfinite(loss) and float(loss.detach()) > 0
+    loss.backward()
+    layer_grad = student.bert.encoder.layer[0].attention.self.query.weight.grad
+    assert layer_grad is not None and float(layer_grad.abs().sum()) > 0
+    assert student.bert.embeddings.word_embeddings.weight.grad is None
+    assert all(p.grad is None for p in teacher.parameters())
+    # the teacher's own layers give zero hidden/attention loss against a copy of itself
+    same, _ = _build_student("shrink:1.0", src, 0)
+    same_fn, _, _ = make_loss(src, same, DistillOptions())
+    assert float(same_fn(data, None).detach()) == pytest.approx(0.0, abs=1e-5)
