@@ -15,6 +15,7 @@ from typing import Any
 
 from calibration.observers import OBSERVERS
 from deployer.errors import DeployerError
+from deployer.mixed import DEFAULT_FIDELITY_TARGET
 
 SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill")
 
@@ -30,9 +31,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-momentum", type=float, default=0.9, help="EMA momentum for --observer ema")
     p.add_argument("--recipe", default="int8", help="int8 | mixed | fp16 | rules file (JSON/YAML)")
     p.add_argument("--seed", type=int, default=0, help="seed of the example's crop split")
-    p.add_argument("--fidelity-target", type=float, default=None, metavar="FRACTION",
+    p.add_argument("--fidelity-target", type=float, default=None, metavar="FRACTION", nargs="?",
+                   const=DEFAULT_FIDELITY_TARGET,
                    help="mixed-precision search: keep the fewest layers in FP16/float so the primary metric "
-                        "reaches this fraction of FP32 (e.g. 0.99)")
+                        f"reaches this fraction of FP32 (no value: the default target {DEFAULT_FIDELITY_TARGET})")
     p.add_argument("--search-budget", type=int, default=24, help="evaluations the search may spend (default 24)")
     p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a release gate fails")
     p.add_argument("--eval", dest="eval_dir", metavar="DIR",

@@ -7,7 +7,8 @@ in ONNX Runtime (exact Q/DQ arithmetic) and measure the output SQNR and the task
 Search (greedy by sensitivity, Dong et al. 2019 "HAWQ" ordering idea with a measured instead of a
 Hessian score): start from the full-INT8 plan; if it misses the fidelity target, move the most
 sensitive layers to FP16 (TensorRT, Ascend, ONNX Runtime) / float (TFLite) in growing groups, then
-binary-search the smallest prefix that meets the target. Every evaluation counts against a fixed
+binary-search the smallest prefix that meets the target, then give kept layers back to INT8 (most MACs
+first) while the target still holds. Every evaluation counts against a fixed
 budget, so the result is deterministic; the search says whether it stopped on the target or on the
 budget.
 
@@ -268,7 +269,30 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
     else:
         best = max(tried, key=lambda j: (tried[j], -j))
         stopped = "budget"
-    final = with_precision(plan, order[:best], high, reason, model)
+    kept, metric = list(order[:best]), tried[best]
+    if stopped == "target" and spent < budget:
+        kept, metric, spent = _prune(plan, model, evaluate, kept, metric, target, budget - spent, high, reason, macs,
+                                     spent)
+    final = with_precision(plan, kept, high, reason, model)
     spent_total = evaluate.evaluations + (rank_with.evaluations if rank_with is not None else 0)
-    return SearchResult(final, order[:best], tried[best], target, stopped, spent_total,
-                        int8_mac_fraction(final, macs), table)
+    return SearchResult(final, kept, metric, target, stopped, spent_total, int8_mac_fraction(final, macs), table)
+
+
+def _prune(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, kept: list[str], metric: float,
+           target: float, left: int, high: Precision, reason: str, macs: dict[str, int],
+           spent: int) -> tuple[list[str], float, int]:
+    """Give kept layers back to INT8, most MACs first, while the target still holds (budget permitting).
+
+    The sensitivity ranking is measured one layer at a time, so a prefix of it can hold layers that
+    are harmless once their neighbours are high precision; each removal is one evaluation.
+    Returns (kept layers, their metric, evaluations spent in total).
+    """
+    for name in sorted(kept, key=lambda n: -macs.get(n, 0)):
+        if left <= 0 or len(kept) <= 1:
+            break
+        trial = [k for k in kept if k != name]
+        m = evaluate(with_precision(plan, trial, high, reason, model))[0]
+        left, spent = left - 1, spent + 1
+        if m >= target:
+            kept, metric = trial, m
+    return kept, metric, spent

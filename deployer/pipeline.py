@@ -105,6 +105,7 @@ class Inputs:
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
     labels: np.ndarray | None = None
     imported: dict[str, Any] | None = None
+    validation: CalibrationSet | None = None
 
 
 @dataclass
@@ -187,7 +188,7 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
             if opts.calib_samples is not None:
                 cal = cal.shuffled(opts.seed)[: opts.calib_samples]
         return _with_eval(Inputs(ref, cal, data.heldout, data.task, f"example:{name}", data.split,
-                                 opts.metric or data.metric), opts)
+                                 opts.metric or data.metric, validation=data.validation), opts)
     if isinstance(model, (str, Path)):
         p = Path(model)
         if p.suffix.lower() != ".onnx" and not p.exists():
@@ -574,7 +575,10 @@ def imported_plan(inputs: Inputs) -> QuantPlan:
 
 def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: list[Backend],
                progress: Progress = _noop) -> tuple[QuantPlan, dict[str, Any]]:
-    """Mixed-precision search on calibration samples, simulated with the first target's Q/DQ policy.
+    """Mixed-precision search, simulated with the first target's Q/DQ policy.
+
+    Plans are scored on the example's validation samples where it has them (disjoint from the
+    held-out set), else on up to 256 calibration samples.
 
     Returns the new plan and the report's ``mixed_precision`` section.
     """
@@ -590,8 +594,13 @@ def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: l
         if p is not None:
             policy, simulated_by = p, f"{b.name} Q/DQ policy"
             break
-    cal = inputs.calibration  # lazy: only the chosen samples are loaded
-    search_samples = list(cal[:: max(1, len(cal) // 256)][:256])
+    if inputs.validation is not None:
+        search_samples = list(inputs.validation)
+        source = f"{len(search_samples)} validation samples ({inputs.validation.name})"
+    else:
+        cal = inputs.calibration  # lazy: only the chosen samples are loaded
+        search_samples = list(cal[:: max(1, len(cal) // 256)][:256])
+        source = f"{len(search_samples)} calibration samples"
     rank_samples = search_samples[:: max(1, len(search_samples) // 32)][:32]
     metric = relative_metric(inputs.task)
     ev = Evaluator(inputs.reference, search_samples, policy, metric)
@@ -599,7 +608,7 @@ def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: l
     res = search(plan, inputs.reference, ev, target=float(opts.fidelity_target or 0), budget=opts.search_budget,
                  rank_with=ranker, progress=lambda d, t: progress("sensitivity", d, t))
     section = res.to_dict()
-    section.update({"simulated_with": simulated_by, "search_samples": f"{len(search_samples)} calibration samples "
+    section.update({"simulated_with": simulated_by, "search_samples": f"{source} "
                     f"(never the held-out set); sensitivity ranked on {len(rank_samples)} of them", "metric": "top1_agreement" if inputs.task == "classification"
                     else "cosine_mean"})
     new_plan = res.plan.with_nodes(res.plan.nodes, {**res.plan.recipe, "search": {

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from calibration.dataset import CalibrationSet
 from deployer.errors import BadInputError
 from deployer.gates import FAIL, NA, PASS, evaluate_gates, failed
-from deployer.mixed import DEFAULT_SIMULATION_POLICY, Evaluator, int8_mac_fraction, node_macs, relative_metric, search
+from deployer.mixed import (DEFAULT_SIMULATION_POLICY, Evaluator, int8_mac_fraction, node_macs, relative_metric, search,
+                            with_precision)
 from deployer.pipeline import DeployOptions, Inputs, compute_statistics, make_plan
 from deployer.plan import Precision
 from deployer.recipe import decide, load_rules
@@ -166,3 +167,16 @@ def test_recall_gate() -> None:
     assert evaluate_gates(entry)["size-vs-recall"]["status"] == PASS
     del entry["labelled"]
     assert evaluate_gates(entry)["size-vs-recall"]["status"] == NA
+
+
+def test_search_prunes_layers_the_target_does_not_need(setup) -> None:  # type: ignore[no-untyped-def]
+    """After the prefix search, each kept layer is given back to INT8 when the target still holds, so
+    no single kept layer can be removed without missing the target (ample budget)."""
+    m, inputs, plan = setup
+    ev = Evaluator(m, list(inputs.calibration)[:24], DEFAULT_SIMULATION_POLICY, relative_metric("embedding"))
+    r = search(plan, m, ev, target=0.995, budget=24)
+    assert r.stopped_on == "target" and r.kept
+    for name in r.kept:
+        rest = [k for k in r.kept if k != name]
+        if rest:
+            assert ev(with_precision(plan, rest, Precision.FP16, "t", m))[0] < 0.995, name

@@ -29,6 +29,9 @@ class ExampleData:
         metric: optional task metric: given the per-sample outputs of the held-out set (same order,
             ``outputs[i]`` the list of sample ``i``'s outputs in graph order) returns named scores,
             e.g. ``{"task_accuracy": 0.45}``. Called for the FP32 reference and for each artifact.
+        validation: samples the mixed-precision search scores plans on (never the held-out set; may
+            come from the calibration sources, not from the held-out ones); ``None``: the search uses
+            calibration samples.
     """
 
     model: onnx.ModelProto
@@ -37,6 +40,7 @@ class ExampleData:
     task: str
     split: str
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
+    validation: CalibrationSet | None = None
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ import numpy as np
 from calibration.dataset import CalibrationSet
 from deployer.errors import BackendUnavailableError
 from deployer.examples import ExampleData
-from deployer.examples.photos import (CALIBRATION_PHOTOS, HELDOUT_PHOTOS, crop_at, load_photos, photos_fingerprint,
-                                      random_crops)
+from deployer.examples.photos import (CALIBRATION_PHOTOS, HELDOUT_PHOTOS, VALIDATION_PHOTOS, crop_at, load_photos,
+                                      photos_fingerprint, random_crops)
 
 INPUT_NAME = "input"
 MEAN, STD = 127.0, 128.0
@@ -36,6 +36,10 @@ def load_module() -> object:
     return model
 
 
+VALIDATION_CROPS = 256
+"""Crops the mixed-precision search scores plans on (:data:`~deployer.examples.photos.VALIDATION_PHOTOS`)."""
+
+
 def preprocess(crop: np.ndarray) -> np.ndarray:
     """uint8 HWC crop -> float32 1x3x224x224, normalized (x - 127) / 128."""
     x = (crop.astype(np.float32) - MEAN) / STD
@@ -58,7 +62,7 @@ def calibration_set(n: int, seed: int, photos: dict[str, np.ndarray] | None = No
 def build(n_calib: int, n_heldout: int, seed: int) -> ExampleData:
     """Export the model and cut calibration/held-out crops from disjoint photos (fixed ``seed``).
 
-    Calibration crops are lazy (:func:`calibration_set`); held-out crops are in memory.
+    Calibration crops are lazy (:func:`calibration_set`); held-out and validation crops are in memory.
     """
     import contextlib
     import io
@@ -73,11 +77,14 @@ def build(n_calib: int, n_heldout: int, seed: int) -> ExampleData:
     photos = load_photos()
     rng_h = np.random.default_rng(seed + 1)
     held = random_crops([photos[n] for n in HELDOUT_PHOTOS], n_heldout, 224, rng_h)
+    val = random_crops([photos[n] for n in VALIDATION_PHOTOS], VALIDATION_CROPS, 224, np.random.default_rng(seed + 2))
     return ExampleData(
         model=model,
         calibration=calibration_set(n_calib, seed, photos),
         heldout=CalibrationSet([{INPUT_NAME: preprocess(c)} for c in held], "efficientnet-lite0:heldout"),
         task="classification",
         split=(f"random crops, seed {seed}; calibration photos {list(CALIBRATION_PHOTOS)}; "
-               f"held-out photos {list(HELDOUT_PHOTOS)}"),
+               f"held-out photos {list(HELDOUT_PHOTOS)}; search validation: {VALIDATION_CROPS} other crops "
+               f"(seed {seed + 2}) of {list(VALIDATION_PHOTOS)}"),
+        validation=CalibrationSet([{INPUT_NAME: preprocess(c)} for c in val], "efficientnet-lite0:validation"),
     )

@@ -167,6 +167,10 @@ class TopicProbe:
         return {"task_accuracy": round(self.accuracy(emb), 6)}
 
 
+VALIDATION_TEXTS = 128
+"""Training-pool texts (the last ones of the shuffled pool) the mixed-precision search scores plans on."""
+
+
 def build(n_calib: int, n_heldout: int, seed: int, n_probe: int = PROBE_TRAIN,
           fortunes_dir: str | os.PathLike[str] = fortunes_data.FORTUNES_DIR) -> ExampleData:
     """Export the encoder and cut calibration / held-out / probe-training texts (fixed ``seed``).
@@ -210,4 +214,6 @@ def build(n_calib: int, n_heldout: int, seed: int, n_probe: int = PROBE_TRAIN,
                f"calibration {len(calib_idx)} and probe-training {len(probe_idx)} texts from the other "
                f"{len(train_idx)}; token length {SEQ}"),
         metric=probe,
+        validation=CalibrationSet(_samples(tokenizer, [texts[i] for i in train_idx[-VALIDATION_TEXTS:]]),
+                                  "minilm:fortunes-validation"),
     )
