@@ -31,7 +31,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
            ema_momentum: float = 0.9, no_cache: bool = False, bias_correction: bool = True,
            fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
            eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
-           **backend_options: Any) -> "DeployResult":
+           equalize: bool = False, **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
     Args:
@@ -49,6 +49,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         enforce_gates: raise :class:`deployer.errors.GateFailedError` when a release gate fails.
         eval_dir: labelled evaluation data (``DIR/inputs/`` + ``DIR/labels.npy``).
         metric: callable ``outputs -> {name: value}`` on the held-out outputs (your task metric).
+        smoothquant: SmoothQuant alpha for transformer MatMuls (Xiao et al. 2023); None = off.
+        equalize: cross-layer equalization before calibration (Nagel et al. 2019); off by default.
         backend_options: ``soc_version``, ``tflite_io``, ``tflite_layout`` (others are refused).
 
     Returns:
@@ -68,6 +70,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          ema_momentum=ema_momentum, no_cache=no_cache, bias_correction=bias_correction,
                          fidelity_target=fidelity_target, search_budget=search_budget,
                          enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
+                         equalize=equalize,
                          backend_options=backend_options)
     return run_deploy(model, calibration, out_dir, opts, plan)
 

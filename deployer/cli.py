@@ -39,6 +39,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a release gate fails")
     p.add_argument("--eval", dest="eval_dir", metavar="DIR",
                    help="labelled held-out data: DIR/inputs/ samples + DIR/labels.npy")
+    p.add_argument("--equalize", action="store_true",
+                   help="cross-layer equalization of Conv pairs before calibration (Nagel et al. 2019; off by default)")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", nargs="?", const=0.5,
                    help="SmoothQuant: move activation outliers of MatMul inputs into the weights (alpha, default "
                         "0.5; Xiao et al. 2023)")
@@ -161,7 +163,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     opts = DeployOptions(observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache,
-                         bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant,
+                         bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, equalize=a.equalize,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
                          enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     plan = plan_only(a.model, a.calib, a.out, opts, _progress(not (a.quiet or a.json) and sys.stderr.isatty()))
@@ -227,7 +229,7 @@ def cmd_deploy(argv: Sequence[str]) -> int:
     opts = DeployOptions(targets=a.target, observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache, backend_options=backend_options,
-                         bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant,
+                         bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, equalize=a.equalize,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
                          enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))

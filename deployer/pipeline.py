@@ -7,6 +7,8 @@ error or an interrupt never leaves a half-written output directory.
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -59,6 +61,9 @@ class DeployOptions:
         bias_correction: add empirical bias correction (Nagel et al. 2019) to the plan.
         smoothquant: SmoothQuant migration strength alpha for INT8 MatMuls with constant weights
             (Xiao et al. 2023); None = off.
+        equalize: cross-layer equalization of Conv pairs before calibration (Nagel et al. 2019,
+            :mod:`deployer.equalize`); off by default (it lowers EfficientNet-Lite0's fidelity, see
+            ``benchmarks/results/fidelity.md``).
         fidelity_target: run the mixed-precision search (:mod:`deployer.mixed`) for this fraction of
             FP32's primary metric (e.g. 0.99); None = no search.
         search_budget: evaluations the search may spend after its sensitivity pass.
@@ -85,6 +90,7 @@ class DeployOptions:
     backend_options: dict[str, Any] = field(default_factory=dict)
     bias_correction: bool = True
     smoothquant: float | None = None
+    equalize: bool = False
     fidelity_target: float | None = None
     search_budget: int = 24
     enforce_gates: bool = False
@@ -277,8 +283,19 @@ def _with_eval(inputs: Inputs, opts: DeployOptions) -> Inputs:
     labels = labels.reshape(-1)
     if len(labels) != len(held):
         raise BadInputError(f"--eval: {len(labels)} labels for {len(held)} samples; give one label per sample")
-    return Inputs(inputs.reference, inputs.calibration, held, inputs.task, inputs.source,
-                  f"labelled evaluation data {root} ({len(held)} samples)", inputs.metric, labels, inputs.imported)
+    return dataclasses.replace(inputs, heldout=held, split=f"labelled evaluation data {root} ({len(held)} samples)",
+                               labels=labels)
+
+
+def equalized(inputs: Inputs, opts: DeployOptions) -> Inputs:
+    """``inputs`` with the reference cross-layer equalized when ``opts.equalize`` (FP32-exact, so the
+    equalized model is the FP32 reference from here on: calibration, plan and verification use it)."""
+    if not opts.equalize or inputs.imported is not None:
+        return inputs
+    from deployer.equalize import equalize
+
+    model, _ = equalize(inputs.reference)
+    return dataclasses.replace(inputs, reference=model, source=f"{inputs.source} (cross-layer equalized)")
 
 
 def _user_calibration(calib: Any, ref: onnx.ModelProto) -> CalibrationSet:
@@ -363,13 +380,15 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["bias_correction"]})
     if options.smoothquant is not None:
         plan = _with_smoothing(plan, inputs, stats, options.smoothquant)
+    if options.equalize:
+        plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["cross_layer_equalization"]
+                                            + list(plan.recipe.get("recovery", []))})
     return plan
 
 
 def _with_smoothing(plan: QuantPlan, inputs: Inputs, stats: Statistics, alpha: float) -> QuantPlan:
     """Add SmoothQuant factors and the ranges of the smoothed MatMul inputs (symmetric, from the
     per-channel max |x| / s)."""
-    import dataclasses
 
     from deployer.recovery import compute_smoothing
 
@@ -500,7 +519,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     out_dir = Path(out_dir)
     check_output_dir(out_dir, opts.overwrite, [model, calibration, plan, opts.eval_dir])
     t0 = time.perf_counter()
-    inputs = load_inputs(model, calibration, opts)
+    inputs = equalized(load_inputs(model, calibration, opts), opts)
     log(f"model: {inputs.source}; {len(inputs.calibration)} calibration / {len(inputs.heldout)} held-out samples")
     if loaded_plan is not None:
         from deployer.graph import GraphView
@@ -711,7 +730,7 @@ def plan_only(model: Any = None, calibration: Any = None, out: str | Path = "pla
         raise BadInputError(f"{out} exists; pass --overwrite or choose another path")
     if out.is_dir():
         raise BadInputError(f"{out} is a directory; give a file path for the plan (--out FILE)")
-    inputs = load_inputs(model, calibration, opts)
+    inputs = equalized(load_inputs(model, calibration, opts), opts)
     stats = compute_statistics(inputs, opts, progress)
     p = make_plan(inputs, stats, opts)
     if opts.fidelity_target is not None:

@@ -25,7 +25,7 @@ from deployer.errors import UnsupportedModelError
 SUPPORTED_OPS = (
     "Conv", "Relu", "Clip", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "AveragePool", "MaxPool",
     "Reshape", "Flatten", "Gemm", "MatMul", "Softmax", "Sigmoid", "Tanh", "Concat", "Identity",
-    "HardSigmoid", "HardSwish", "Transpose",
+    "HardSigmoid", "HardSwish", "Transpose", "Min", "Max",
 )
 
 
@@ -196,6 +196,8 @@ class OnnxToTf:
             return self._binary(node, env, tf.multiply)
         if op == "Div":
             return self._binary(node, env, tf.divide)
+        if op in ("Min", "Max") and len(node.input) == 2:
+            return self._binary(node, env, tf.minimum if op == "Min" else tf.maximum)
         if op == "GlobalAveragePool":
             x = self._get(env, node.input[0])
             v = tf.reduce_mean(self._nhwc(x), axis=[1, 2], keepdims=True, name=self._name)
