@@ -183,8 +183,14 @@ def run_child(model: str, tool: str, method: str, n: int, mem_gb: float | None, 
 
 
 def _last_error(stderr: str) -> str:
+    """The child's last error line, shortened (an ONNX Runtime arena failure: the node it hit)."""
+    import re
+
+    m = re.search(r"running (\w+) node\. Name:'([^']+)'.*?(bfc_arena|bad_alloc|allocate)", stderr, re.S)
+    if m:
+        return f"ONNX Runtime could not allocate memory running {m.group(1)} {m.group(2)}"
     lines = [ln.strip() for ln in stderr.strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
+    return lines[-1][:200] if lines else ""
 
 
 def main() -> int:

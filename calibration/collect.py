@@ -39,11 +39,13 @@ DEFAULT_HIST_ELEMENTS = 4096
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
-def _inferred(model: onnx.ModelProto) -> dict[str, int]:
-    """Elem type of every tensor shape inference can type."""
+def _inferred(model: onnx.ModelProto | bytes) -> dict[str, int]:
+    """Elem type of every tensor shape inference can type (``model`` as a proto or serialized)."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in
-             list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
+    types: dict[str, int] = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input):
+        if vi.type.tensor_type.elem_type:  # an untyped output added for calibration does not hide its value_info
+            types[vi.name] = vi.type.tensor_type.elem_type
     return types
 
 
@@ -158,26 +160,29 @@ def collect_statistics(
     """
     import onnxruntime as ort
 
-    types = _inferred(model)
-    names = [n for n in _float_names(model, types) if not (skip and n in skip)]
     inits = {x.name for x in model.graph.initializer}
     input_names = [i.name for i in model.graph.input if i.name not in inits]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         so.intra_op_num_threads = threads
-    # every observed tensor becomes an output: added to the caller's model for serialization, then
-    # removed again (no copy of the weights beyond the serialized bytes)
+    # Every node output becomes a graph output, added to the caller's model for one serialization and
+    # removed again (no copy of the weights beyond the serialized bytes); the same bytes feed shape
+    # inference (the float tensors are the observed ones) and the session.
     n_out = len(model.graph.output)
     existing = {o.name for o in model.graph.output}
     try:
-        for n in names:
-            if n not in existing and n not in input_names:
-                model.graph.output.append(helper.make_empty_tensor_value_info(n))
+        for nd in model.graph.node:
+            for o in nd.output:
+                if o and o not in existing and o not in input_names:
+                    model.graph.output.append(helper.make_empty_tensor_value_info(o))
+                    existing.add(o)
         blob = model.SerializeToString()
     finally:
         while len(model.graph.output) > n_out:
             model.graph.output.pop()
+    types = _inferred(blob)
+    names = [n for n in _float_names(model, types) if not (skip and n in skip)]
     sess = ort.InferenceSession(blob, so, providers=["CPUExecutionProvider"])
     del blob
     fetch = [n for n in names if n not in input_names]
