@@ -65,6 +65,7 @@ class DistillOptions:
         threads: torch CPU threads for the run (None: torch's setting; restored afterwards). On a shared
             2-core machine 1 thread trains a small CNN several times faster than 2.
         checkpoint_dir: where checkpoints go (None: ``.<out>.distill-checkpoint/`` beside ``out``).
+        keep_checkpoint: keep the checkpoint after success (``deploy --distill`` removes it after the deploy).
         resume: continue from the checkpoint beside ``out``.
         overwrite: replace an existing output.
     """
@@ -88,6 +89,7 @@ class DistillOptions:
     checkpoint_every: int = 200
     threads: int | None = None
     checkpoint_dir: str | None = None
+    keep_checkpoint: bool = False
     resume: bool = False
     overwrite: bool = False
 
@@ -137,7 +139,8 @@ def checkpoint_dir(out: Path) -> Path:
 
 def _key(teacher: str, student: str, data: str | None, opts: DistillOptions) -> str:
     d = asdict(opts)
-    for k in ("resume", "overwrite", "checkpoint_every", "max_seconds", "qat_max_seconds", "threads", "checkpoint_dir"):
+    for k in ("resume", "overwrite", "checkpoint_every", "max_seconds", "qat_max_seconds", "threads", "checkpoint_dir",
+              "keep_checkpoint"):
         d.pop(k)
     return hashlib.sha256(json.dumps([teacher, student, data, d], sort_keys=True, default=str).encode()).hexdigest()
 
@@ -401,7 +404,8 @@ def _run(teacher: str, student: str, data: str | None, out: Path, opts: DistillO
         torch.save(stu.state_dict(), tmp / "student.pt")
         report["wall_seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "distill_report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    shutil.rmtree(ckpt, ignore_errors=True)
+    if not opts.keep_checkpoint:
+        shutil.rmtree(ckpt, ignore_errors=True)
     from calibration.dataset import CalibrationSet
 
     n_held = len(next(iter(source.heldout.values())))
@@ -443,6 +447,7 @@ def deploy_with_distill(model: Any, student: str, out_dir: str | Path, deploy_op
     check_output_dir(out, deploy_options.overwrite)
     dopts = distill_options or DistillOptions()
     dopts.checkpoint_dir = str(checkpoint_dir(out))
+    dopts.keep_checkpoint = True  # until the deploy succeeds: a failed deploy reruns with --distill-resume
     dopts.seed = deploy_options.seed
     dopts.recipe, dopts.observer = deploy_options.recipe, deploy_options.observer
     if dopts.calib_samples is None:
@@ -456,7 +461,13 @@ def deploy_with_distill(model: Any, student: str, out_dir: str | Path, deploy_op
         res = run_distill(f"example:{name}", student, None, work / "distill", dopts, distill_progress, log)
         log(f"distilled: student {res.report['parameter_ratio']:.3f} of the teacher's parameters; deploying it ...")
         kwargs = {} if progress is None else {"progress": progress}
-        result = run_deploy(res.student_data, None, out, deploy_options, None, log=log, **kwargs)
+        try:
+            result = run_deploy(res.student_data, None, out, deploy_options, None, log=log, **kwargs)
+        except BaseException:
+            log(f"the deploy failed; the distillation checkpoint stays in {dopts.checkpoint_dir}: the same command with "
+                f"--distill-resume skips the training")
+            raise
+        shutil.rmtree(dopts.checkpoint_dir, ignore_errors=True)
         shutil.move(str(work / "distill"), str(out / "distill"))
         result.report["distillation"] = {"report": "distill/distill_report.json",
                                          "parameter_ratio": res.report["parameter_ratio"],

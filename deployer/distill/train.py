@@ -190,7 +190,7 @@ def train_loop(student: nn.Module, loss_fn: LossFn, samples: Batch, labels: torc
     total = cfg.epochs * steps_per_epoch
     bar = _Bar(progress, total, label, epoch * steps_per_epoch + start_batch)
     t0 = time.perf_counter() - elapsed
-    steps, stopped = 0, False
+    steps, stopped = 0, bool(cfg.max_seconds is not None and elapsed >= cfg.max_seconds)  # budget spent already
     student.train()
     try:
         while epoch < cfg.epochs and not stopped:
