@@ -21,9 +21,6 @@ from torch import nn
 from deployer.distill.data import Source
 
 
-_FROZEN_OUTPUTS: dict[tuple[int, int, bytes], np.ndarray] = {}
-
-
 def forward_batched(module: nn.Module, data: dict[str, torch.Tensor], batch: int = 64,
                     rows: np.ndarray | None = None) -> np.ndarray:
     """Outputs of ``module`` on the samples of ``data`` (axis 0), float32 ``[N, ...]``, in order.
@@ -33,10 +30,13 @@ def forward_batched(module: nn.Module, data: dict[str, torch.Tensor], batch: int
     """
     n = len(next(iter(data.values())))
     rows_ = np.arange(n) if rows is None else np.asarray(rows)
-    frozen = not any(p.requires_grad for p in module.parameters())  # a teacher: its outputs never change
-    key = (id(module), id(next(iter(data.values()))), rows_.tobytes())
-    if frozen and key in _FROZEN_OUTPUTS:
-        return _FROZEN_OUTPUTS[key]
+    # a frozen teacher's outputs never change: cached on the module itself, keyed by the data tensor it holds
+    frozen = not any(p.requires_grad for p in module.parameters())
+    first = next(iter(data.values()))
+    cache: dict[bytes, tuple[torch.Tensor, np.ndarray]] = module.__dict__.setdefault("_distill_outputs", {})
+    hit = cache.get(rows_.tobytes()) if frozen else None
+    if hit is not None and hit[0] is first:
+        return hit[1]
     pos = np.arange(len(rows_))  # output positions, processed in order of text length
     mask = data.get("attention_mask")
     if mask is not None:
@@ -56,7 +56,7 @@ def forward_batched(module: nn.Module, data: dict[str, torch.Tensor], batch: int
     out = np.empty_like(res)
     out[pos] = res
     if frozen:
-        _FROZEN_OUTPUTS[key] = out
+        cache[rows_.tobytes()] = (first, out)
     return out
 
 
