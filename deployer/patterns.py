@@ -6,6 +6,9 @@
   and histogram observers crash (DESIGN.md section 3). :func:`mask_paths` finds every tensor computed
   only from integer graph inputs (the mask, token ids' shapes) up to and including the additive mask,
   plus any float tensor whose calibrated magnitude is absurd (>= :data:`MASK_MAGNITUDE`).
+- residual ``Add`` (two activation inputs) feeding a LayerNorm: the transformer residual stream,
+  whose few outlier channels make per-tensor INT8 fail (Bondarenko et al. 2021, "Understanding and
+  Overcoming the Challenges of Efficient Transformer Quantization").
 - LayerNorm (ReduceMean -> Sub -> Pow -> ReduceMean -> Add -> Sqrt -> Div [-> Mul -> Add], or the
   fused ``LayerNormalization`` op), GELU (``Erf`` based: Div -> Erf -> Add -> Mul -> Mul, or ``Gelu``),
   and Softmax attention (MatMul -> [Div|Mul] -> [Add mask] -> Softmax -> MatMul) by :func:`find_patterns`.
@@ -64,6 +67,7 @@ class Patterns:
     gelu: list[list[str]] = field(default_factory=list)
     attention: list[list[str]] = field(default_factory=list)
     mask_tensors: list[str] = field(default_factory=list)
+    residual_add: list[str] = field(default_factory=list)
 
 
 def _follow(view: GraphView, node: onnx.NodeProto, ops: list[str]) -> list[onnx.NodeProto] | None:
@@ -110,4 +114,10 @@ def find_patterns(model: onnx.ModelProto) -> Patterns:
             block += [c.name for c in after]
             if len(block) > 1:
                 p.attention.append(block)
+    starts = {c[0] for c in p.layernorm}
+    for node in model.graph.node:
+        if node.op_type != "Add" or any(view.is_constant(i) for i in node.input[:2]):
+            continue
+        if any(c.name in starts for c in view.consumers.get(node.output[0], [])):
+            p.residual_add.append(node.name)
     return p

@@ -1,6 +1,7 @@
 """Recipes: ordered rules over the graph that decide each node's precision.
 
-A rule is ``{"match": {"op_type": [..], "name": "regex", "scope": "prefix"}, "precision": "int8|fp16|fp32"}``;
+A rule is ``{"match": {"op_type": [..], "name": "regex", "scope": "prefix", "attention": true,
+"pattern": "residual_add|layernorm|gelu|attention"}, "precision": "int8|fp16|fp32"}``;
 every rule is tried in order and the *last* matching rule decides (later rules refine earlier ones,
 as in ai-edge-quantizer recipes). Presets:
 
@@ -8,7 +9,9 @@ as in ai-edge-quantizer recipes). Presets:
   per-channel INT8 weights.
 - ``fp16``: every node FP16.
 - ``mixed`` (the seed's rule): ``int8`` plus attention blocks (MatMul with two activation inputs,
-  Softmax) in FP16.
+  Softmax) in FP16, and the residual ``Add`` before each LayerNorm in FP16: the residual stream holds
+  a few outlier channels that per-tensor INT8 cannot represent (Bondarenko et al. 2021); measured on
+  all-MiniLM-L6-v2 (Ascend policy) this lifts cosine to FP32 from 0.894 to 0.980.
 """
 
 from __future__ import annotations
@@ -38,8 +41,10 @@ class Rule:
     scope: str | None = None
     attention: bool = False
     label: str = ""
+    pattern: str | None = None
 
-    def matches(self, node: onnx.NodeProto, view: GraphView) -> bool:
+    def matches(self, node: onnx.NodeProto, view: GraphView, patterns: dict[str, set[str]] | None = None) -> bool:
+        """Whether ``node`` matches every given key; ``patterns`` is :func:`pattern_members` of the model."""
         if self.op_type is not None and node.op_type not in self.op_type:
             return False
         if self.name is not None and not re.search(self.name, node.name):
@@ -47,6 +52,8 @@ class Rule:
         if self.scope is not None and not node.name.lstrip("/").startswith(self.scope.lstrip("/")):
             return False
         if self.attention and not is_attention_node(node, view):
+            return False
+        if self.pattern is not None and node.name not in (patterns or {}).get(self.pattern, set()):
             return False
         return True
 
@@ -60,6 +67,8 @@ class Rule:
             m["scope"] = self.scope
         if self.attention:
             m["attention"] = True
+        if self.pattern is not None:
+            m["pattern"] = self.pattern
         return {"match": m, "precision": self.precision.value, "label": self.label}
 
     @classmethod
@@ -67,8 +76,10 @@ class Rule:
         if not isinstance(d, dict) or set(d) - {"match", "precision", "label"} or "precision" not in d:
             raise BadInputError(f"recipe rule {d!r} must be {{'match': {{...}}, 'precision': ...}}")
         m = d.get("match", {})
-        if set(m) - {"op_type", "name", "scope", "attention"}:
-            raise BadInputError(f"recipe rule match keys {sorted(m)}: allowed op_type, name, scope, attention")
+        if set(m) - {"op_type", "name", "scope", "attention", "pattern"}:
+            raise BadInputError(f"recipe rule match keys {sorted(m)}: allowed op_type, name, scope, attention, pattern")
+        if m.get("pattern") is not None and m["pattern"] not in PATTERNS:
+            raise BadInputError(f"recipe rule pattern {m['pattern']!r}: use one of {', '.join(PATTERNS)}")
         try:
             prec = Precision(d["precision"])
         except ValueError:
@@ -82,7 +93,20 @@ class Rule:
             except re.error as e:
                 raise BadInputError(f"recipe rule name pattern {m['name']!r} is not a valid regex ({e})") from None
         return cls(prec, tuple(ops) if ops else None, m.get("name"), m.get("scope"), bool(m.get("attention", False)),
-                   d.get("label", ""))
+                   d.get("label", ""), m.get("pattern"))
+
+
+PATTERNS = ("residual_add", "layernorm", "gelu", "attention")
+"""Values of a rule's ``pattern`` key: node groups found by :func:`deployer.patterns.find_patterns`."""
+
+
+def pattern_members(model: onnx.ModelProto) -> dict[str, set[str]]:
+    """Pattern name -> names of the nodes in such a pattern."""
+    from deployer.patterns import find_patterns
+
+    p = find_patterns(model)
+    return {"residual_add": set(p.residual_add), "layernorm": {n for g in p.layernorm for n in g},
+            "gelu": {n for g in p.gelu for n in g}, "attention": {n for g in p.attention for n in g}}
 
 
 def is_attention_node(node: onnx.NodeProto, view: GraphView) -> bool:
@@ -100,6 +124,8 @@ PRESETS: dict[str, list[Rule]] = {
     "mixed": [
         Rule(Precision.INT8, label="mixed: every node int8"),
         Rule(Precision.FP16, attention=True, label="mixed: attention MatMul/Softmax in fp16 (seed rule)"),
+        Rule(Precision.FP16, pattern="residual_add",
+             label="mixed: residual Add before LayerNorm in fp16 (outlier channels; Bondarenko et al. 2021)"),
     ],
 }
 
@@ -136,13 +162,14 @@ def load_rules(recipe: str) -> tuple[str, list[Rule]]:
 def decide(model: onnx.ModelProto, rules: list[Rule], weight_granularity: Granularity = Granularity.PER_CHANNEL) -> dict[str, NodeDecision]:
     """Apply rules to every node; last match wins; unmatched nodes are left out (FP32)."""
     view = GraphView(model)
+    patterns = pattern_members(model) if any(r.pattern for r in rules) else None
     out: dict[str, NodeDecision] = {}
     for node in model.graph.node:
         if node.op_type == "Constant":
             continue
         chosen = None
         for r in rules:
-            if r.matches(node, view):
+            if r.matches(node, view, patterns):
                 chosen = r
         if chosen is None:
             continue

@@ -89,3 +89,49 @@ def test_find_patterns() -> None:
     p = find_patterns(m)
     assert p.gelu == [["g_div", "g_erf", "g_add", "g_mul"]]
     assert p.layernorm and p.layernorm[0][0] == "ln_mean" and p.layernorm[0][-1] == "ln_div"
+
+
+def _residual_block() -> onnx.ModelProto:
+    """x -> MatMul(W) -> Add(x) (residual) -> LayerNormalization -> y; a second Add adds a constant."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.ones(8, np.float32), "g"), numpy_helper.from_array(np.zeros(8, np.float32), "b"),
+             numpy_helper.from_array(np.full(8, 0.1, np.float32), "bias")]
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("Add", ["h", "bias"], ["hb"], name="bias_add"),
+             helper.make_node("Add", ["hb", "x"], ["r"], name="residual"),
+             helper.make_node("LayerNormalization", ["r", "g", "b"], ["y"], name="ln", axis=-1)]
+    return helper.make_model(helper.make_graph(nodes, "blk", [x], [y], inits),
+                             opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_residual_add_before_layernorm_is_found_and_mixed_keeps_it_fp16() -> None:
+    from deployer.plan import Precision
+    from deployer.recipe import decide, load_rules
+
+    m = _residual_block()
+    assert find_patterns(m).residual_add == ["residual"]  # the bias Add has a constant input
+    nodes = decide(m, load_rules("mixed")[1])
+    assert nodes["residual"].precision == Precision.FP16 and "Bondarenko" in nodes["residual"].reason
+    assert nodes["bias_add"].precision == Precision.INT8 and nodes["proj"].precision == Precision.INT8
+    assert decide(m, load_rules("int8")[1])["residual"].precision == Precision.INT8
+
+
+def test_recipe_pattern_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import pytest
+
+    from deployer.errors import BadInputError
+    from deployer.plan import Precision
+    from deployer.recipe import decide, load_rules
+
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"base": "int8", "rules": [{"match": {"pattern": "layernorm"}, "precision": "fp32"}]}))
+    nodes = decide(_residual_block(), load_rules(str(f))[1])
+    assert nodes["ln"].precision == Precision.FP32 and nodes["residual"].precision == Precision.INT8
+    f.write_text(json.dumps({"rules": [{"match": {"pattern": "swiglu"}, "precision": "fp16"}]}))
+    with pytest.raises(BadInputError, match="pattern"):
+        load_rules(str(f))
