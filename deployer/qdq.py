@@ -28,7 +28,7 @@ from onnx import TensorProto, helper, numpy_helper
 from deployer.errors import UnsupportedModelError
 from deployer.graph import WEIGHTED_OPS, GraphView, tensor_types, weight_channel_axis
 from deployer.plan import Granularity, Precision, QuantPlan
-from deployer.quant import asymmetric_params, per_channel_scales, quantize, symmetric_scale
+from deployer.quant import asymmetric_params, mse_weight_scale, per_channel_scales, quantize, symmetric_scale
 
 FLOAT_ELEM = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE)
 
@@ -79,6 +79,11 @@ class LoweringRecord:
     weights: dict[str, dict[str, object]] = field(default_factory=dict)
     fp16_nodes: list[str] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+PER_TENSOR_WEIGHT_SCALE = "mse"
+"""How a per-tensor weight scale is chosen: ``"mse"`` (:func:`deployer.quant.mse_weight_scale`, the
+default) or ``"max"`` (``max|w| / 127``). Per-channel scales are always max-based."""
 
 
 def _set_opset(model: onnx.ModelProto, opset: int) -> None:
@@ -153,7 +158,8 @@ def lower_qdq(model: onnx.ModelProto, plan: QuantPlan, policy: QdqPolicy) -> tup
             axis = policy.per_channel(node, w) if dec.weight.granularity == Granularity.PER_CHANNEL else None
             wname = node.input[widx]
             if axis is None:
-                scale = np.array(symmetric_scale(float(w.min()), float(w.max()), policy.weight_qmax),
+                scale = np.array(mse_weight_scale(w, policy.weight_qmax) if PER_TENSOR_WEIGHT_SCALE == "mse"
+                                 else symmetric_scale(float(w.min()), float(w.max()), policy.weight_qmax),
                                  dtype=np.float32)
             else:
                 scale = per_channel_scales(w, axis, policy.weight_qmax)

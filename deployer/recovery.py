@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from calibration.dataset import Sample
 from deployer.graph import GraphView, weight_channel_axis
 from deployer.plan import Granularity, Precision, QuantPlan
-from deployer.quant import dequantize, per_channel_scales, quantize, symmetric_scale
+from deployer.quant import dequantize, mse_weight_scale, per_channel_scales, quantize, symmetric_scale
 
 CORRECTABLE = ("Conv", "Gemm")
 
@@ -112,7 +112,9 @@ def compute_bias_correction(model: onnx.ModelProto, plan: QuantPlan,
             scale = per_channel_scales(w, axis)
             wq = dequantize(quantize(w, scale, 0, -127, 127, axis=axis), scale, axis=axis)
         else:
-            s = symmetric_scale(float(w.min()), float(w.max()))
+            from deployer.qdq import PER_TENSOR_WEIGHT_SCALE
+
+            s = mse_weight_scale(w) if PER_TENSOR_WEIGHT_SCALE == "mse" else symmetric_scale(float(w.min()), float(w.max()))
             wq = dequantize(quantize(w, s, 0, -127, 127), s)
         err = (w.astype(np.float64) - wq.astype(np.float64))
         if node.op_type == "Gemm":
