@@ -162,3 +162,21 @@ def onnx_runner(model: onnx.ModelProto | str | Path, threads: int = 0, optimize:
         return [[np.asarray(v, dtype=np.float32) for v in sess.run(names, dict(s))] for s in samples]
 
     return run
+
+
+def int4_nodes(plan: QuantPlan) -> list[str]:
+    """Nodes whose plan asks for 4-bit (weight-only, block-wise) weights."""
+    return sorted(n for n, d in plan.nodes.items() if d.weight is not None and d.weight.bits == 4)
+
+
+def refuse_int4(plan: QuantPlan, target: str, why: str) -> None:
+    """Stop a target that cannot lower 4-bit weights instead of silently giving them 8 bits.
+
+    Raises:
+        BadInputError: the plan has 4-bit weights (names the first nodes, the reason and the fix).
+    """
+    nodes = int4_nodes(plan)
+    if nodes:
+        raise BadInputError(f"target {target}: the plan asks for INT4 weights on {len(nodes)} node(s) "
+                            f"({', '.join(nodes[:3])}{' ...' if len(nodes) > 3 else ''}), which {why}; "
+                            f"use --target onnxruntime for weight-only INT4, or an int8 recipe here")

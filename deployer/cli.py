@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"activation observer: {' | '.join(OBSERVERS)} (default minmax)")
     p.add_argument("--no-cache", action="store_true", help="do not read or write the user statistics cache")
     p.add_argument("--ema-momentum", type=float, default=0.9, help="EMA momentum for --observer ema")
-    p.add_argument("--recipe", default="int8", help="int8 | mixed | fp16 | rules file (JSON/YAML)")
+    p.add_argument("--recipe", default="int8", help="int8 | mixed | fp16 | int4 (weight-only, onnxruntime) | rules file (JSON/YAML)")
     p.add_argument("--seed", type=int, default=0, help="seed of the example's crop split")
     p.add_argument("--fidelity-target", type=float, default=None, metavar="FRACTION", nargs="?",
                    const=DEFAULT_FIDELITY_TARGET,

@@ -8,6 +8,11 @@ as in ai-edge-quantizer recipes). Presets:
 - ``int8``: every node INT8; Conv/ConvTranspose/Gemm/MatMul with a constant weight get symmetric
   per-channel INT8 weights.
 - ``fp16``: every node FP16.
+- ``int4``: weight-only INT4 (block-wise symmetric, blocks of 32 along the input axis) for MatMul/Gemm
+  with a constant 2-D weight, everything else FP32: the seed's recommendation for CPU/ARM (Cortex-A)
+  where memory bandwidth dominates. Lowered by the ``onnxruntime`` target (``MatMulNBits``); the other
+  targets refuse it (TFLite's converter, TensorRT's and Ascend's Q/DQ routes here have no INT4 weights).
+  A rule can ask for it anywhere with ``"weight_bits": 4`` (and ``"block_size"``).
 - ``mixed`` (the seed's rule): ``int8`` plus attention blocks (MatMul with two activation inputs,
   Softmax) in FP16, and the residual ``Add`` before each LayerNorm in FP16: the residual stream holds
   a few outlier channels that per-tensor INT8 cannot represent (Bondarenko et al. 2021); measured on
@@ -31,6 +36,10 @@ from deployer.plan import Granularity, NodeDecision, Precision, WeightScheme
 ALL = {"op_type": None}
 
 
+INT4_BLOCK_SIZE = 32
+"""Default block (input-axis elements sharing one scale) of weight-only INT4."""
+
+
 @dataclass(frozen=True)
 class Rule:
     """One recipe rule (see module docstring)."""
@@ -42,6 +51,8 @@ class Rule:
     attention: bool = False
     label: str = ""
     pattern: str | None = None
+    weight_bits: int = 8
+    block_size: int = INT4_BLOCK_SIZE
 
     def matches(self, node: onnx.NodeProto, view: GraphView, patterns: dict[str, set[str]] | None = None) -> bool:
         """Whether ``node`` matches every given key; ``patterns`` is :func:`pattern_members` of the model."""
@@ -69,12 +80,21 @@ class Rule:
             m["attention"] = True
         if self.pattern is not None:
             m["pattern"] = self.pattern
-        return {"match": m, "precision": self.precision.value, "label": self.label}
+        d: dict[str, Any] = {"match": m, "precision": self.precision.value, "label": self.label}
+        if self.weight_bits != 8:
+            d.update({"weight_bits": self.weight_bits, "block_size": self.block_size})
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Rule":
-        if not isinstance(d, dict) or set(d) - {"match", "precision", "label"} or "precision" not in d:
-            raise BadInputError(f"recipe rule {d!r} must be {{'match': {{...}}, 'precision': ...}}")
+        if (not isinstance(d, dict) or set(d) - {"match", "precision", "label", "weight_bits", "block_size"}
+                or "precision" not in d):
+            raise BadInputError(f"recipe rule {d!r} must be {{'match': {{...}}, 'precision': ..., "
+                                f"'weight_bits'?: 4|8, 'block_size'?: N}}")
+        bits, block = d.get("weight_bits", 8), d.get("block_size", INT4_BLOCK_SIZE)
+        if bits not in (4, 8) or not isinstance(block, int) or block < 16 or block & (block - 1):
+            raise BadInputError(f"recipe rule weight_bits {bits!r} / block_size {block!r}: use 4 or 8 bits and a "
+                                f"power-of-two block of at least 16 (ONNX Runtime MatMulNBits)")
         m = d.get("match", {})
         if set(m) - {"op_type", "name", "scope", "attention", "pattern"}:
             raise BadInputError(f"recipe rule match keys {sorted(m)}: allowed op_type, name, scope, attention, pattern")
@@ -93,7 +113,7 @@ class Rule:
             except re.error as e:
                 raise BadInputError(f"recipe rule name pattern {m['name']!r} is not a valid regex ({e})") from None
         return cls(prec, tuple(ops) if ops else None, m.get("name"), m.get("scope"), bool(m.get("attention", False)),
-                   d.get("label", ""), m.get("pattern"))
+                   d.get("label", ""), m.get("pattern"), bits, block)
 
 
 PATTERNS = ("residual_add", "layernorm", "gelu", "attention")
@@ -126,6 +146,10 @@ PRESETS: dict[str, list[Rule]] = {
         Rule(Precision.FP16, attention=True, label="mixed: attention MatMul/Softmax in fp16 (seed rule)"),
         Rule(Precision.FP16, pattern="residual_add",
              label="mixed: residual Add before LayerNorm in fp16 (outlier channels; Bondarenko et al. 2021)"),
+    ],
+    "int4": [
+        Rule(Precision.FP32, op_type=("MatMul", "Gemm"), weight_bits=4,
+             label="int4: weight-only block-wise symmetric INT4 MatMul/Gemm weights, float activations"),
     ],
 }
 
@@ -174,7 +198,11 @@ def decide(model: onnx.ModelProto, rules: list[Rule], weight_granularity: Granul
         if chosen is None:
             continue
         weight = None
-        if chosen.precision == Precision.INT8 and node.op_type in WEIGHTED_OPS and view.weight_of(node) is not None:
+        w = view.weight_of(node) if node.op_type in WEIGHTED_OPS else None
+        if chosen.weight_bits == 4:
+            if node.op_type in ("MatMul", "Gemm") and w is not None and w.ndim == 2:
+                weight = WeightScheme(bits=4, block_size=chosen.block_size)
+        elif chosen.precision == Precision.INT8 and w is not None:
             weight = WeightScheme(granularity=weight_granularity)
         out[node.name] = NodeDecision(node.op_type, chosen.precision, weight, chosen.label)
     return out

@@ -29,7 +29,7 @@ from backends.ascend.atc import (DEFAULT_PRECISION_MODE, DEFAULT_SOC_VERSION, SO
 from backends.ascend.checker import MASK_SCALE
 from backends.ascend.checker import check as check_model
 from backends.ascend.deploy_form import to_deploy_form
-from backends.base import Artifact, LoweringContext, onnx_runner
+from backends.base import Artifact, LoweringContext, onnx_runner, refuse_int4
 from deployer.errors import BadInputError, ExternalToolError, UnsupportedModelError
 from deployer.findings import Finding
 from deployer.graph import GraphView
@@ -212,6 +212,7 @@ class AscendBackend:
         return check_model(model)
 
     def lower(self, ctx: LoweringContext) -> Artifact:
+        refuse_int4(ctx.plan, "ascend", "Ascend's ATC/AMCT quantization does not take (int8 weights only)")
         opts = ctx.options
         soc = validate_soc(opts.get("soc_version") or DEFAULT_SOC_VERSION)
         mode = opts.get("precision_mode") or DEFAULT_PRECISION_MODE

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from backends.base import Artifact, LoweringContext, onnx_runner
+from backends.base import Artifact, LoweringContext, int4_nodes, onnx_runner
 from backends.onnxruntime.throughput import (DEFAULT_SETTING, REPORT_GRID, Setting, batchable, measure_pair, session,
                                              with_dynamic_batch)
 from calibration.dataset import Sample
@@ -167,6 +167,60 @@ def lower_dynamic(model: onnx.ModelProto, plan: QuantPlan, work: Path, kernels: 
     return out
 
 
+def gemm_to_matmul(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with the named ``Gemm`` nodes (constant 2-D weight, transA 0, alpha = beta = 1)
+    rewritten as ``MatMul`` (+ ``Add`` of the bias), keeping the node name; ONNX Runtime's weight-only
+    quantizer handles MatMul only. Exact in FP32."""
+    from onnx import helper, numpy_helper
+
+    from deployer.graph import GraphView
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    view = GraphView(out)
+    wanted = set(names)
+    nodes: list[onnx.NodeProto] = []
+    for n in out.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        w = view.constants.get(n.input[1]) if n.op_type == "Gemm" and len(n.input) > 1 else None
+        if (n.name not in wanted or n.op_type != "Gemm" or w is None or w.ndim != 2 or attrs.get("transA", 0)
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0):
+            nodes.append(n)
+            continue
+        wt = numpy_helper.from_array(np.ascontiguousarray(w.T if attrs.get("transB", 0) else w), f"{n.name}.weight_kn")
+        out.graph.initializer.append(wt)
+        has_bias = len(n.input) > 2 and bool(n.input[2])
+        mm_out = f"{n.output[0]}__matmul" if has_bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], wt.name], [mm_out], name=n.name))
+        if has_bias:
+            nodes.append(helper.make_node("Add", [mm_out, n.input[2]], [n.output[0]], name=f"{n.name}__bias"))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
+
+
+def lower_int4(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """Weight-only block-wise symmetric INT4 for the plan's 4-bit MatMul/Gemm nodes, as ONNX Runtime's
+    ``MatMulNBits`` (com.microsoft; written by ONNX Runtime's own ``MatMulNBitsQuantizer``, RTN rounding).
+
+    Returns:
+        (model, report entry: nodes asked for, nodes converted, block size).
+    """
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    names = int4_nodes(plan)
+    blocks = [w.block_size for n in names if (w := plan.nodes[n].weight) is not None and w.block_size]
+    block = int(min(blocks)) if blocks else 32
+    prepared = gemm_to_matmul(model, names)
+    q = MatMulNBitsQuantizer(prepared, bits=4, block_size=block, is_symmetric=True, nodes_to_include=names)
+    q.process()
+    out = q.model.model
+    converted = sorted(n.name for n in out.graph.node if n.op_type == "MatMulNBits")
+    return out, {"format": "MatMulNBits (com.microsoft), symmetric, block-wise", "block_size": block,
+                 "nodes_requested": len(names), "nodes_int4": len(converted),
+                 "not_converted": sorted(set(names) - {c.replace("_Q4", "") for c in converted})[:20]}
+
+
 def save_optimized(model_path: Path, out_path: Path, level: str = "extended") -> float:
     """Write ONNX Runtime's ``level``-optimized graph of ``model_path`` to ``out_path``; seconds taken."""
     import onnxruntime as ort
@@ -265,6 +319,10 @@ class OnnxRuntimeBackend:
             if ctx.plan.bias_correction:
                 notes.append("dynamic mode: the plan's bias correction (computed for static activation "
                              "ranges) is not applied")
+        if int4_nodes(ctx.plan):
+            model, extra["weight_only_int4"] = lower_int4(model, ctx.plan)
+            notes.append(f"{extra['weight_only_int4']['nodes_int4']} MatMul/Gemm weight(s) in block-wise INT4 "
+                         f"(MatMulNBits, block {extra['weight_only_int4']['block_size']}), activations float")
         islands = fp32_islands(ctx.reference, ctx.plan)
         if islands.get("fp16"):
             notes.append(f"{len(islands['fp16'])} FP16 node(s) of the plan run as FP32 islands (ONNX Runtime's CPU "

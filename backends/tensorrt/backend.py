@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from backends.base import Artifact, LoweringContext, onnx_runner
+from backends.base import Artifact, LoweringContext, onnx_runner, refuse_int4
 from backends.tensorrt.checker import check_model
 from backends.tensorrt.engine import (EngineOptions, polygraphy_compare_argv, polygraphy_convert_argv,
                                       tensorrt_version, trtexec_argv)
@@ -119,6 +119,7 @@ class TensorRTBackend:
         return check_model(model)
 
     def lower(self, ctx: LoweringContext) -> Artifact:
+        refuse_int4(ctx.plan, "tensorrt", "this TensorRT lowering does not emit (INT4 Q/DQ needs opset 21 block quantization)")
         model, record = lower_strongly_typed(ctx.reference, ctx.plan)
         d = ctx.out_dir / "tensorrt"
         d.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from backends.base import Artifact, LoweringContext
+from backends.base import Artifact, LoweringContext, refuse_int4
 from calibration.dataset import Sample
 from deployer.errors import BackendUnavailableError, BadInputError, GateFailedError
 from deployer.plan import Precision
@@ -58,6 +58,7 @@ class TFLiteBackend:
             BadInputError: an unknown option value.
             GateFailedError: ``strict`` and an op stayed float (or the converter could not make it integer).
         """
+        refuse_int4(ctx.plan, "tflite", "this TFLite route cannot express (TFLiteConverter's full-integer path has int8 weights only)")
         ok, why = self.available()
         if not ok:
             raise BackendUnavailableError(f"tflite backend unavailable: {why}")
