@@ -126,7 +126,13 @@ def resolve_targets(spec: str | Sequence[str], backends: dict[str, Backend]) -> 
     Raises:
         BadInputError: unknown target name.
     """
-    names = [spec] if isinstance(spec, str) else list(spec)
+    if isinstance(spec, str):
+        names = [spec]
+    elif isinstance(spec, Sequence) and all(isinstance(n, str) for n in spec):
+        names = list(spec)
+    else:
+        raise BadInputError(f"targets {spec!r}: give a name, a comma-separated string or a list of names "
+                            f"(tflite, tensorrt, ascend, onnxruntime, all)")
     parts = [p.strip() for n in names for p in n.split(",") if p.strip()]
     if not parts:
         raise BadInputError("no target given; use --target tflite,tensorrt,ascend or all")

@@ -51,7 +51,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         metric: callable ``outputs -> {name: value}`` on the held-out outputs (your task metric).
         smoothquant: SmoothQuant alpha for transformer MatMuls (Xiao et al. 2023); None = off.
         equalize: cross-layer equalization before calibration (Nagel et al. 2019); off by default.
-        backend_options: ``soc_version``, ``tflite_io``, ``tflite_layout`` (others are refused).
+        backend_options: ``soc_version``, ``tflite_io``, ``tflite_layout``, ``input_shapes`` (the CLI's
+            ``--input-shapes`` grammar as a string or list, or ``{name: "1x3x224x224"}``); others are refused.
 
     Returns:
         :class:`deployer.pipeline.DeployResult`.
@@ -65,6 +66,13 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
     unknown = sorted(set(backend_options) - set(BACKEND_OPTIONS))
     if unknown:
         raise BadInputError(f"deploy(): unknown option(s) {unknown}; backend options are {list(BACKEND_OPTIONS)}")
+    shapes = backend_options.get("input_shapes")
+    if isinstance(shapes, dict) and all(isinstance(v, str) for v in shapes.values()):
+        shapes = [f"{k}:{v}" for k, v in shapes.items()]
+    if isinstance(shapes, (str, list, tuple)):
+        from deployer.shapes import parse_input_shapes
+
+        backend_options["input_shapes"] = parse_input_shapes(shapes)
     opts = DeployOptions(targets=targets, observer=observer, recipe=recipe, overwrite=overwrite,
                          calib_samples=calib_samples, heldout_samples=heldout_samples, seed=seed,
                          ema_momentum=ema_momentum, no_cache=no_cache, bias_correction=bias_correction,

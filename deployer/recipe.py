@@ -177,6 +177,10 @@ def load_rules(recipe: str) -> tuple[str, list[Rule]]:
         raise BadInputError(f"recipe file {p} cannot be parsed ({e}); write JSON or YAML") from None
     if not isinstance(data, dict) or not isinstance(data.get("rules", []), list):
         raise BadInputError(f"recipe file {p} must hold {{'base': preset, 'rules': [...]}}")
+    extra = set(data) - {"base", "rules"}
+    if extra:
+        raise BadInputError(f"recipe file {p}: unknown top-level key(s) {sorted(extra)}; a recipe holds only "
+                            f"'base' and 'rules'")
     base = data.get("base", "int8")
     if base not in PRESETS:
         raise BadInputError(f"recipe file {p}: base {base!r} is not one of {', '.join(PRESETS)}")

@@ -8,10 +8,14 @@ given as repeated options.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from deployer.errors import BadInputError
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass(frozen=True)
@@ -73,3 +77,17 @@ def parse_input_shapes(specs: str | Sequence[str] | None) -> dict[str, ShapeRang
             raise BadInputError(f"--input-shapes: input {name!r} given twice")
         out[name] = rng
     return out
+
+
+def check_input_names(model: "onnx.ModelProto", given: Mapping[str, object] | None) -> list[str]:
+    """The model's graph inputs (initializers excluded); refuse ``--input-shapes`` naming anything else.
+
+    Raises:
+        BadInputError: an input named in ``given`` is not an input of the model.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in inits]
+    unknown = set(given or {}) - set(names)
+    if unknown:
+        raise BadInputError(f"--input-shapes names {sorted(unknown)}, not inputs of the model ({', '.join(names)})")
+    return names

@@ -73,3 +73,16 @@ def test_targets_without_int4_refuse_it(tmp_path, target) -> None:  # type: igno
     with pytest.raises(BadInputError, match="INT4"):
         deploy(str(path), _samples(), targets=target, recipe="int4", out_dir=tmp_path / "out", no_cache=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_bad_targets_and_input_shape_names_are_refused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from deployer import deploy
+
+    path = tmp_path / "mlp.onnx"
+    onnx.save(_mlp(), path)
+    with pytest.raises(BadInputError, match="targets 5"):
+        deploy(str(path), _samples(), targets=5, out_dir=tmp_path / "o1")
+    with pytest.raises(BadInputError, match="not inputs of the model"):
+        deploy(str(path), _samples(), targets="tensorrt", out_dir=tmp_path / "o2", no_cache=True,
+               input_shapes={"nope": "1x64"})
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

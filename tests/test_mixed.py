@@ -89,6 +89,7 @@ def test_user_rules_last_match_wins(tmp_path, setup) -> None:  # type: ignore[no
     {"rules": [{"match": {}, "precision": "int3"}]},
     {"rules": [{"match": {"name": "("}, "precision": "fp16"}]},
     {"base": "int2", "rules": []},
+    {"base": "int8", "rules": [], "rulez": []},
     {"rules": [{"match": {}, "precision": "fp32", "weight_bits": 3}]},
 ])
 def test_bad_rules_are_refused(tmp_path, bad) -> None:  # type: ignore[no-untyped-def]

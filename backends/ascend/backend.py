@@ -35,7 +35,7 @@ from deployer.findings import Finding
 from deployer.graph import GraphView
 from deployer.plan import Precision, QuantPlan
 from deployer.qdq import QdqPolicy, lower_qdq
-from deployer.shapes import ShapeRange
+from deployer.shapes import ShapeRange, check_input_names
 
 __all__ = ["ASCEND_OPSET", "DEFAULT_SOC_VERSION", "SOC_VERSIONS", "POLICY", "AscendBackend", "atc_argv",
            "mask_tensors", "to_opset"]
@@ -147,10 +147,7 @@ def input_shapes(model: onnx.ModelProto, given: dict[str, ShapeRange] | None) ->
     """
     given = dict(given or {})
     inits = {i.name for i in model.graph.initializer}
-    names = [i.name for i in model.graph.input if i.name not in inits]
-    unknown = set(given) - set(names)
-    if unknown:
-        raise BadInputError(f"--input-shapes names {sorted(unknown)}, not inputs of the model ({', '.join(names)})")
+    check_input_names(model, given)
     out: dict[str, ShapeRange] = {}
     for i in model.graph.input:
         if i.name in inits:

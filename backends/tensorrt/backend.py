@@ -31,6 +31,7 @@ from deployer.graph import GraphView, weight_channel_axis
 from deployer.plan import QuantPlan
 from deployer.qdq import LoweringRecord, QdqPolicy, lower_qdq
 from deployer.recipe import PRESETS, decide
+from deployer.shapes import check_input_names
 
 TRT_OPSET = 17
 
@@ -128,6 +129,7 @@ class TensorRTBackend:
         fp32_path = d / "model_fp32.onnx"
         onnx.save(ctx.fp32, str(fp32_path))
         options = EngineOptions.from_backend_options(ctx.options, d / "timing.cache")
+        check_input_names(ctx.reference, options.input_shapes)
         engine_name = "model.engine"
         argv = trtexec_argv(path.name, engine_name, options)
         poly = polygraphy_convert_argv(path.name, engine_name, options)
