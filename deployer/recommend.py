@@ -51,7 +51,11 @@ def recommend(priority: str, hardware: str, model: str | None = None) -> Recomme
         raise BadInputError(f"--priority {priority!r}: use one of {', '.join(PRIORITIES)}")
     if hardware not in HARDWARE:
         raise BadInputError(f"--hardware {hardware!r}: use one of {', '.join(HARDWARE)}")
+    from deployer.examples import EXAMPLES
+
     base = ["deploy"] + (["--model", model] if model else [])
+    if model and model not in EXAMPLES:
+        base += ["--calib", "CALIB_DIR"]  # a user model needs its calibration folder (placeholder)
     why = "lowest latency" if priority == "latency" else "lowest cost per query"
     if hardware == "gpu":
         return Recommendation("tensorrt", "mixed", "mixed precision (attention FP16, rest INT8)",
@@ -68,8 +72,8 @@ def recommend(priority: str, hardware: str, model: str | None = None) -> Recomme
                               f"edge, {why}: the seed's rule for edge is distillation then INT8; TFLite full "
                               f"integer runs on phones and MCUs",
                               base + ["--target", "tflite"],
-                              ["distil the model first (KL(student/T || teacher/T)*T^2, T in [3, 10]); "
-                               "then deploy the student"])
+                              ["distil the model first (`deploy distill`, or `deploy --distill` to chain it: "
+                               "KL(student/T || teacher/T)*T^2, T in [3, 10]); then deploy the student"])
     return Recommendation("onnxruntime", "int8", "distillation + pruning",
                           f"batch, {why}: the seed's rule for batch jobs is distillation + pruning; deployer does "
                           f"neither, then INT8 on a CPU server",

@@ -258,5 +258,7 @@ def test_recommend_cpu_is_onnxruntime_dynamic() -> None:
     r = recommend("latency", "cpu", "minilm")
     assert r.argv == ["deploy", "--model", "minilm", "--target", "onnxruntime", "--ort-mode", "dynamic"]
     assert recommend("latency", "gpu").recipe == "mixed" and recommend("cost", "edge").target == "tflite"
+    assert recommend("latency", "gpu", "model.onnx").argv[:5] == ["deploy", "--model", "model.onnx", "--calib",
+                                                                  "CALIB_DIR"]  # a user model needs --calib
     with pytest.raises(BadInputError):
         recommend("speed", "cpu")
