@@ -7,10 +7,11 @@ Exit codes: 0 ok (a vendor compile step reported as not run is ok), 1 an enforce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from calibration.observers import OBSERVERS
@@ -293,40 +294,70 @@ def format_table(report: dict[str, Any]) -> str:
     return cap.get()
 
 
+@contextlib.contextmanager
+def _silenced_stderr(enabled: bool) -> Iterator[None]:
+    """Under ``--quiet``: send file descriptor 2 to /dev/null (TensorFlow, LiteRT/XNNPACK and ONNX Runtime
+    print from C++; Python warnings too). Restored before any error message or traceback is printed."""
+    if not enabled:
+        yield
+        return
+    import warnings
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deploy`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        if args and args[0] == "targets":
-            return cmd_targets(args[1:])
-        if args and args[0] == "examples":
-            return cmd_examples(args[1:])
-        if args and args[0] == "plan":
-            return cmd_plan(args[1:])
-        if args and args[0] == "check":
-            return cmd_check(args[1:])
-        if args and args[0] == "distill":
-            from deployer.distill.cli import cmd_distill
-
-            return cmd_distill(args[1:])
-        if args and args[0] == "recommend":
-            from deployer.recommend import cmd_recommend
-
-            return cmd_recommend(args[1:])
-        if args and args[0] in ("inspect", "verify"):
-            from deployer import commands
-
-            return commands.cmd_inspect(args[1:]) if args[0] == "inspect" else commands.cmd_verify(args[1:])
-        if args and args[0] == "deploy":
-            return cmd_deploy(args[1:])
-        return cmd_deploy(args)
+        with _silenced_stderr("--quiet" in args):
+            return _dispatch(args)
     except DeployerError as e:
         print(f"deploy: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("deploy: interrupted; no output was written", file=sys.stderr)
         return 130
+
+
+def _dispatch(args: list[str]) -> int:
+    """Run the subcommand named by ``args[0]`` (default: deploy)."""
+    if args and args[0] == "targets":
+        return cmd_targets(args[1:])
+    if args and args[0] == "examples":
+        return cmd_examples(args[1:])
+    if args and args[0] == "plan":
+        return cmd_plan(args[1:])
+    if args and args[0] == "check":
+        return cmd_check(args[1:])
+    if args and args[0] == "distill":
+        from deployer.distill.cli import cmd_distill
+
+        return cmd_distill(args[1:])
+    if args and args[0] == "recommend":
+        from deployer.recommend import cmd_recommend
+
+        return cmd_recommend(args[1:])
+    if args and args[0] in ("inspect", "verify"):
+        from deployer import commands
+
+        return commands.cmd_inspect(args[1:]) if args[0] == "inspect" else commands.cmd_verify(args[1:])
+    if args and args[0] == "deploy":
+        return cmd_deploy(args[1:])
+    return cmd_deploy(args)
 
 
 if __name__ == "__main__":

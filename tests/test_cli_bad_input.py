@@ -420,3 +420,18 @@ def test_ema_momentum_out_of_range(tmp_path: Path, model_path: Path, calib_dir: 
     out = tmp_path / "out"
     assert_bad_input(deploy_args(model_path, calib_dir, out, "--observer", "ema", "--ema-momentum", "2.0"), capsys,
                      out, "momentum")
+
+
+def test_quiet_prints_nothing_even_from_native_libraries(tmp_path: Path, model_path: Path, calib_dir: Path) -> None:
+    """``--quiet``: no TensorFlow / LiteRT (XNNPACK) / ONNX Runtime lines and no Python warnings reach the
+    terminal on success (they are written from C++ to file descriptor 2); an error still does."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "deployer.cli", "--model", str(model_path), "--calib", str(calib_dir),
+            "--target", "tflite", "--quiet"]
+    ok = subprocess.run([*base, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "" and ok.stderr == "", (ok.stdout, ok.stderr[-500:])
+    bad = subprocess.run([*base, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "exists" in bad.stderr and bad.stderr.count("\n") == 1
