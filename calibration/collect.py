@@ -7,7 +7,8 @@ fixed-size histogram), so memory does not grow with the number of samples.
 Every observed tensor comes back from one augmented session (all of them as outputs) and is reduced
 with numpy right away: min/max (every element), a fixed subset of at most ``hist_elements`` values for
 the histogram, per-channel sums (axis 1) for bias correction's means and per-last-axis max
-``|x|`` for SmoothQuant. Then the outputs are dropped. The reductions of sample ``k`` run in one worker
+``|x|`` for SmoothQuant. Then the outputs are dropped; the histogram values of an EMA batch (at most
+``ema_batch x hist_elements`` per tensor) are binned once at the end of the batch. The reductions of sample ``k`` run in one worker
 thread while ONNX Runtime runs sample ``k + 1`` (numpy releases the GIL), so at most two samples'
 activations are alive. Doing these reductions inside the graph, as ONNX
 Runtime's ``MinMaxCalibrater`` does with ``ReduceMin``/``ReduceMax``, was measured slower here
@@ -202,7 +203,17 @@ def collect_statistics(
     in_batch = 0
     done = 0
 
+    # values to bin, per tensor, for the current EMA batch: binned once per batch (the histogram depends
+    # only on the multiset of values and the range, so this equals binning every sample)
+    to_bin: dict[str, list[np.ndarray]] = {}
+
+    def bin_batch() -> None:
+        for n, parts in to_bin.items():
+            tensors[n].observe_reduced(bmin[n], bmax[n], parts[0] if len(parts) == 1 else np.concatenate(parts), bins)
+        to_bin.clear()
+
     def end_batch() -> None:
+        bin_batch()  # a no-op when the worker binned the batch with its last sample
         for n in bmin:
             tensors[n].ema_step(bmin[n], bmax[n], ema_momentum)
             tensors[n].samples += in_batch
@@ -211,14 +222,15 @@ def collect_statistics(
         if progress:
             progress(done, max(total, done))
 
-    def reduce(outs: list[np.ndarray], s: Sample) -> None:
+    def reduce(outs: list[np.ndarray], s: Sample, last_of_batch: bool) -> None:
         pairs = list(zip(fetch, outs)) + [(n, np.asarray(s[n])) for n in from_sample]
         for n, v in pairs:
             if v.size == 0:
                 continue
             lo, hi = float(v.min()), float(v.max())
             sub = _subset(v, hist_elements, subsets)
-            tensors[n].observe_reduced(lo, hi, v if sub is None else sub, bins)
+            # a copy: a strided view would keep the whole activation alive until the batch ends
+            to_bin.setdefault(n, []).append(np.array(v if sub is None else sub, copy=True).reshape(-1))
             if v.ndim >= 2 and n in channel_tensors:
                 # float32 pairwise sums along the contiguous axis (a view when the batch is 1), float64 across samples
                 cs = np.moveaxis(v, 1, 0).reshape(v.shape[1], -1).sum(axis=1).astype(np.float64)
@@ -238,6 +250,8 @@ def collect_statistics(
                     np.maximum(prev, lm, out=prev)
             bmin[n] = min(bmin.get(n, lo), lo)
             bmax[n] = max(bmax.get(n, hi), hi)
+        if last_of_batch:
+            bin_batch()
 
     # sample k's reductions (numpy, GIL released) overlap sample k+1's inference; at most one pending
     pending: Future[None] | None = None
@@ -265,7 +279,7 @@ def collect_statistics(
                     raise UnsupportedModelError(f"ONNX Runtime fails on calibration sample {idx}: {msg}; "
                                                 f"fix the model or the data") from None
                 finish()
-                pending = pool.submit(reduce, outs, s)
+                pending = pool.submit(reduce, outs, s, (idx + 1) % ema_batch == 0)
                 del outs
             finish()
         finally:
