@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -328,9 +329,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DeployerError as e:
         print(f"deploy: error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("deploy: interrupted; no output was written", file=sys.stderr)
-        return 130
+        return 143 if str(e) == f"signal {int(signal.SIGTERM)}" else 130  # 128 + signal number, as shells report
 
 
 def _dispatch(args: list[str]) -> int:
