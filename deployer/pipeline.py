@@ -516,6 +516,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         t, why = next(iter(unavailable.items()))
         raise BackendUnavailableError(f"target {t} cannot run here: {why}")
     loaded_plan = QuantPlan.load(plan) if isinstance(plan, (str, Path)) else plan
+    plan_warning = ""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, opts.overwrite, [model, calibration, plan, opts.eval_dir])
     t0 = time.perf_counter()
@@ -528,6 +529,11 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         validate_against_model(loaded_plan, {n.name: n.op_type for n in inputs.reference.graph.node}, view.tensor_names())
         the_plan = loaded_plan
         stats = None
+        if loaded_plan.model.get("sha256") not in (None, model_sha256(inputs.reference)):
+            plan_warning = (f"the plan was computed for another model (plan sha256 "
+                            f"{str(loaded_plan.model.get('sha256'))[:12]}..., this model {model_sha256(inputs.reference)[:12]}...): "
+                            f"its nodes match, but its ranges and bias correction may not fit these weights")
+            log(f"warning: {plan_warning}")
     elif inputs.imported is not None:
         log(f"quantized model: its scales become the plan ({inputs.imported['summary']})")
         the_plan = imported_plan(inputs)
@@ -560,6 +566,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                                   fp32_reference=inputs.reference)
             results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
+        if plan_warning:
+            report["warnings"] = [plan_warning]
         if search_result is not None:
             report["mixed_precision"] = search_result
         log("per-layer error and report.html ...")

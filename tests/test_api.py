@@ -58,3 +58,26 @@ def test_readme_release_pipeline_example_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert (tmp_path / "release" / "report.html").is_file()
     assert "release ok" in proc.stdout
+
+
+def test_plan_for_another_model_is_lowered_with_a_warning(tmp_path: Path) -> None:
+    """``--plan`` from a model with the same graph but other weights: accepted (nodes match), and the
+    report says the plan's sha256 does not match this model."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from tests.test_int4 import _mlp, _samples
+
+    a = tmp_path / "a.onnx"
+    onnx.save(_mlp(), a)
+    first = deployer.deploy(str(a), _samples(), targets="onnxruntime", out_dir=tmp_path / "o1", no_cache=True)
+    assert "warnings" not in first.report
+    other = _mlp()
+    w = other.graph.initializer[0]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * np.float32(1.5), w.name))
+    b = tmp_path / "b.onnx"
+    onnx.save(other, b)
+    second = deployer.deploy(str(b), _samples(), targets="onnxruntime", out_dir=tmp_path / "o2", no_cache=True,
+                             plan=first.plan_path)
+    assert any("another model" in w for w in second.report["warnings"])
