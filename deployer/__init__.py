@@ -31,7 +31,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
            ema_momentum: float = 0.9, no_cache: bool = False, bias_correction: bool = True,
            fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
            eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
-           equalize: bool = False, **backend_options: Any) -> "DeployResult":
+           equalize: bool = False, no_smoothquant: bool = False, **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
     Args:
@@ -49,7 +49,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         enforce_gates: raise :class:`deployer.errors.GateFailedError` when a release gate fails.
         eval_dir: labelled evaluation data (``DIR/inputs/`` + ``DIR/labels.npy``).
         metric: callable ``outputs -> {name: value}`` on the held-out outputs (your task metric).
-        smoothquant: SmoothQuant alpha for transformer MatMuls (Xiao et al. 2023); None = off.
+        smoothquant: SmoothQuant alpha for transformer MatMuls (Xiao et al. 2023); None = the recipe's
+            choice (``mixed``: 0.8). ``no_smoothquant``: none even where the recipe asks for it.
         equalize: cross-layer equalization before calibration (Nagel et al. 2019); off by default.
         backend_options: ``soc_version``, ``tflite_io``, ``tflite_layout``, ``input_shapes`` (the CLI's
             ``--input-shapes`` grammar as a string or list, or ``{name: "1x3x224x224"}``); others are refused.
@@ -78,7 +79,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          ema_momentum=ema_momentum, no_cache=no_cache, bias_correction=bias_correction,
                          fidelity_target=fidelity_target, search_budget=search_budget,
                          enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
-                         equalize=equalize,
+                         equalize=equalize, no_smoothquant=no_smoothquant,
                          backend_options=backend_options)
     return run_deploy(model, calibration, out_dir, opts, plan)
 

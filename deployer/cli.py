@@ -18,6 +18,7 @@ from typing import Any
 from calibration.observers import OBSERVERS
 from deployer.errors import DeployerError
 from deployer.mixed import DEFAULT_FIDELITY_TARGET
+from deployer.recovery import DEFAULT_SMOOTHQUANT_ALPHA
 
 SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill")
 
@@ -43,9 +44,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="labelled held-out data: DIR/inputs/ samples + DIR/labels.npy")
     p.add_argument("--equalize", action="store_true",
                    help="cross-layer equalization of Conv pairs before calibration (Nagel et al. 2019; off by default)")
-    p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", nargs="?", const=0.5,
-                   help="SmoothQuant: move activation outliers of MatMul inputs into the weights (alpha, default "
-                        "0.5; Xiao et al. 2023)")
+    p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", nargs="?", const=DEFAULT_SMOOTHQUANT_ALPHA,
+                   help="SmoothQuant: migrate activation outliers of INT8 MatMul/Gemm inputs into the weights "
+                        f"(no value: alpha {DEFAULT_SMOOTHQUANT_ALPHA}; the mixed recipe turns it on; Xiao et al. 2023)")
+    p.add_argument("--no-smoothquant", action="store_true", help="no SmoothQuant, even with the mixed recipe")
     p.add_argument("--no-bias-correction", action="store_true",
                    help="do not add empirical bias correction (Nagel et al. 2019) to the plan")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -165,7 +167,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
     opts = DeployOptions(observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache,
-                         bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, equalize=a.equalize,
+                         bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
                          enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     plan = plan_only(a.model, a.calib, a.out, opts, _progress(not (a.quiet or a.json) and sys.stderr.isatty()))
@@ -231,7 +233,7 @@ def cmd_deploy(argv: Sequence[str]) -> int:
     opts = DeployOptions(targets=a.target, observer=a.observer, recipe=a.recipe, calib_samples=a.calib_samples,
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache, backend_options=backend_options,
-                         bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, equalize=a.equalize,
+                         bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
                          enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))

@@ -29,7 +29,7 @@ from backends.base import onnx_runner
 from calibration.dataset import Sample
 from deployer.graph import GraphView, weight_channel_axis
 from deployer.plan import NodeDecision, Precision, QuantPlan
-from deployer.qdq import QdqPolicy, lower_qdq
+from deployer.qdq import QdqPolicy, for_policy, lower_qdq
 from deployer.verify import cosine_mean, sqnr_db, top1_agreement
 
 Outputs = list[list[np.ndarray]]
@@ -156,6 +156,7 @@ class Evaluator:
         from deployer.recovery import prepare_for_lowering
 
         self.evaluations += 1
+        plan = for_policy(plan, self.policy)
         lowered, _ = lower_qdq(prepare_for_lowering(self.model, plan), plan, self.policy)
         out = onnx_runner(lowered, optimize=False)(self.samples)
         ref = self.reference()

@@ -38,7 +38,8 @@ from deployer.gates import evaluate_gates, failed
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
-from deployer.recipe import decide, load_rules
+from deployer.qdq import for_policy
+from deployer.recipe import decide, load_recovery, load_rules
 from deployer.verify import fidelity
 
 DEFAULT_CALIB_SAMPLES = 256
@@ -60,7 +61,8 @@ class DeployOptions:
         seed: fixed seed of the example split and of the --calib-samples shuffle.
         bias_correction: add empirical bias correction (Nagel et al. 2019) to the plan.
         smoothquant: SmoothQuant migration strength alpha for INT8 MatMuls with constant weights
-            (Xiao et al. 2023); None = off.
+            (Xiao et al. 2023); None = the recipe's choice (``mixed``: 0.8, others off).
+        no_smoothquant: no SmoothQuant even where the recipe asks for it.
         equalize: cross-layer equalization of Conv pairs before calibration (Nagel et al. 2019,
             :mod:`deployer.equalize`); off by default (it lowers EfficientNet-Lite0's fidelity, see
             ``benchmarks/results/fidelity.md``).
@@ -90,6 +92,7 @@ class DeployOptions:
     backend_options: dict[str, Any] = field(default_factory=dict)
     bias_correction: bool = True
     smoothquant: float | None = None
+    no_smoothquant: bool = False
     equalize: bool = False
     fidelity_target: float | None = None
     search_budget: int = 24
@@ -290,7 +293,7 @@ def _with_eval(inputs: Inputs, opts: DeployOptions) -> Inputs:
 def equalized(inputs: Inputs, opts: DeployOptions) -> Inputs:
     """``inputs`` with the reference cross-layer equalized when ``opts.equalize`` (FP32-exact, so the
     equalized model is the FP32 reference from here on: calibration, plan and verification use it)."""
-    if not opts.equalize or inputs.imported is not None:
+    if not (opts.equalize or load_recovery(opts.recipe).equalize) or inputs.imported is not None:
         return inputs
     from deployer.equalize import equalize
 
@@ -372,15 +375,20 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         recipe={"name": recipe_name, "rules": [r.to_dict() for r in rules]},
         nodes=nodes, ranges=ranges, shared_scales=shared, provenance=provenance(),
     )
-    if options.bias_correction:
+    rec = load_recovery(options.recipe)
+    if options.bias_correction and rec.bias_correction:
         from deployer.recovery import compute_bias_correction
 
         means = {n: m for n, st in stats.tensors.items() if (m := st.channel_mean()) is not None}
         plan = plan.with_bias_correction(compute_bias_correction(inputs.reference, plan, means))
         plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["bias_correction"]})
-    if options.smoothquant is not None:
-        plan = _with_smoothing(plan, inputs, stats, options.smoothquant)
-    if options.equalize:
+    alpha = None if options.no_smoothquant else (options.smoothquant if options.smoothquant is not None
+                                                 else rec.smoothquant)
+    if alpha is not None:
+        # after bias correction, which is computed for the unsmoothed weights: exact for targets that do
+        # not apply smoothing (per-tensor MatMul weights), an approximation for the smoothed MatMuls
+        plan = _with_smoothing(plan, inputs, stats, alpha)
+    if options.equalize or rec.equalize:
         plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["cross_layer_equalization"]
                                             + list(plan.recipe.get("recovery", []))})
     return plan
@@ -562,9 +570,16 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
             stats.save(tmp / "statistics.json")
         for t in targets:
             log(f"lowering to {t} ...")
-            ctx = LoweringContext(prepared, the_plan, tmp, inputs.calibration, dict(opts.backend_options),
+            target_plan = for_policy(the_plan, getattr(backends[t], "qdq_policy", None))
+            ctx = LoweringContext(prepared if target_plan is the_plan else prepare_for_lowering(inputs.reference,
+                                                                                                target_plan),
+                                  target_plan, tmp, inputs.calibration, dict(opts.backend_options),
                                   fp32_reference=inputs.reference)
             results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
+            if target_plan is not the_plan:
+                results[t].notes.append(f"the plan's SmoothQuant factors ({len(the_plan.smoothing)} tensors) are not "
+                                        f"applied on {t}: its per-tensor MatMul/Gemm weights cannot absorb the "
+                                        f"migrated outliers")
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
         if plan_warning:
             report["warnings"] = [plan_warning]

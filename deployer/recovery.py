@@ -162,7 +162,10 @@ def apply_bias_correction(model: onnx.ModelProto, corrections: dict[str, list[fl
 
 # -- SmoothQuant ------------------------------------------------------------------------------------
 
-DEFAULT_SMOOTHQUANT_ALPHA = 0.5
+DEFAULT_SMOOTHQUANT_ALPHA = 0.8
+"""Migration strength when none is given. The paper uses 0.5 for OPT/BLOOM and notes that models with
+stronger outliers need more; on all-MiniLM-L6-v2 (``mixed``, TensorRT rules, 160 held-out texts)
+0.5 gave cosine 0.899 and 0.8 gave 0.996 (no smoothing: 0.978)."""
 
 
 def _smoothable_weight(node: onnx.NodeProto, view: GraphView) -> np.ndarray | None:

@@ -110,3 +110,35 @@ def test_smoothquant_on_gemm_trans_b_is_exact() -> None:
     got = onnx_runner(apply_smoothing(m, plan.smoothing))(samples)
     for a, b in zip(ref, got):
         np.testing.assert_allclose(b[0], a[0], rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_recipe_turns_smoothquant_on_and_per_tensor_targets_drop_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """``mixed`` carries SmoothQuant 0.8 (recipe recovery); ``no_smoothquant`` and a recipe file's
+    ``recovery`` override it; the Ascend policy (per-tensor MatMul weights) lowers the plan without it."""
+    import json
+
+    import pytest
+
+    from backends.ascend.backend import POLICY as ASCEND
+    from deployer.errors import BadInputError
+    from deployer.qdq import for_policy
+
+    m, cal = _matmul_with_outlier()
+    inputs = Inputs(m, cal, cal, "generic", "test", "same")
+    stats = compute_statistics(inputs, DeployOptions(no_cache=True))
+    mixed = make_plan(inputs, stats, DeployOptions(recipe="mixed"))
+    assert list(mixed.smoothing) == ["x"] and "smoothquant(alpha=0.8)" in mixed.recipe["recovery"]
+    assert not make_plan(inputs, stats, DeployOptions(recipe="mixed", no_smoothquant=True)).smoothing
+    assert not make_plan(inputs, stats, DeployOptions(recipe="int8")).smoothing
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"base": "mixed", "rules": [], "recovery": {"smoothquant": None, "bias_correction": False}}))
+    plan = make_plan(inputs, stats, DeployOptions(recipe=str(f)))
+    assert not plan.smoothing and not plan.bias_correction
+    f.write_text(json.dumps({"base": "int8", "rules": [], "recovery": {"smoothquant": 0.6}}))
+    assert make_plan(inputs, stats, DeployOptions(recipe=str(f))).smoothing
+    f.write_text(json.dumps({"rules": [], "recovery": {"smoothquant": 3}}))
+    with pytest.raises(BadInputError, match="smoothquant"):
+        make_plan(inputs, stats, DeployOptions(recipe=str(f)))
+    asc = for_policy(mixed, ASCEND)
+    assert not asc.smoothing and "x__smoothed" not in asc.ranges and "x" in asc.ranges
+    assert for_policy(mixed, POLICY) is mixed

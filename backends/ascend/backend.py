@@ -72,6 +72,7 @@ POLICY = QdqPolicy(
     weight_as_qdq=True,
     fp16=False,
     opset=ASCEND_OPSET,
+    smoothing=False,
 )
 
 _MASK_CACHE: dict[int, frozenset[str]] = {}
