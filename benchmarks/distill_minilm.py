@@ -44,6 +44,8 @@ def main() -> int:
     p.add_argument("--targets", default="tflite,tensorrt,ascend")
     p.add_argument("--out", default="/tmp/distill-minilm")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--reuse-distill", action="store_true",
+                   help="reuse OUT/distill (student.pt, distill_report.json) of an earlier run; deploy only")
     a = p.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from deployer.distill import DistillOptions, run_distill
@@ -51,7 +53,7 @@ def main() -> int:
     from deployer.pipeline import DeployOptions, run_deploy
 
     out = Path(a.out)
-    if out.exists():
+    if out.exists() and not a.reuse_distill:
         shutil.rmtree(out)
     t0 = time.perf_counter()
     def log(s: str) -> None:
@@ -61,14 +63,19 @@ def main() -> int:
     # target that cannot lower the student is recorded instead of stopping the others
     sopts = DistillOptions(epochs=100, max_seconds=a.max_seconds, qat_epochs=1, qat_max_seconds=a.qat_max_seconds,
                            threads=a.threads, checkpoint_every=50, calib_samples=256, heldout_samples=1000, seed=0)
-    res = run_distill("example:minilm", "shrink", None, out / "distill", sopts, log=log)
-    dist = res.report
+    if a.reuse_distill:
+        student_data, dist = _reuse(out, sopts, log)
+    else:
+        res = run_distill("example:minilm", "shrink", None, out / "distill", sopts, log=log)
+        student_data, dist = res.student_data, res.report
     rows = []
     for target in a.targets.split(","):
         log(f"deploying the student to {target} ...")
         dopts = DeployOptions(targets=target, calib_samples=256, heldout_samples=1000, seed=0)
         try:
-            t = run_deploy(res.student_data, None, out / target, dopts, log=log).report["targets"][target]
+            if (out / target).exists():
+                shutil.rmtree(out / target)
+            t = run_deploy(student_data, None, out / target, dopts, log=log).report["targets"][target]
         except DeployerError as e:
             rows.append({"target": target, "error": f"{type(e).__name__}: {e}"})
             log(f"{target}: {type(e).__name__}: {e}")
@@ -130,6 +137,31 @@ def main() -> int:
     (res_dir / "distillation.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def _reuse(out: Path, sopts: object, log: object) -> tuple[object, dict]:
+    """The student of an earlier run (OUT/distill) with the same splits and student-probe metric."""
+    import onnx
+    import torch
+
+    from calibration.dataset import CalibrationSet
+    from deployer.distill.data import load_source
+    from deployer.distill.report import evaluate
+    from deployer.distill.students import shrink
+    from deployer.examples import ExampleData
+
+    dist = json.loads((out / "distill" / "distill_report.json").read_text())
+    torch.set_num_threads(2)
+    source = load_source("example:minilm", None, 0, 256, 1000)
+    student, _ = shrink(source.teacher, "shrink")
+    student.load_state_dict(torch.load(out / "distill" / "student.pt", weights_only=True))
+    student.eval()
+    _, metric = evaluate(source, source.teacher, student, 0)
+    n = len(next(iter(source.heldout.values())))
+    held = CalibrationSet([{k: v[i:i + 1].numpy() for k, v in source.heldout.items()} for i in range(n)], "heldout")
+    data = ExampleData(onnx.load(str(out / "distill" / "student.onnx")), CalibrationSet(source.calibration, "calibration"),
+                       held, "embedding", source.split, metric)
+    return data, dist
 
 
 if __name__ == "__main__":
