@@ -576,6 +576,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                                   target_plan, tmp, inputs.calibration, dict(opts.backend_options),
                                   fp32_reference=inputs.reference)
             results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
+            for gate in results[t].extra.get("gates", {}).values():
+                gate["enforced"] = bool(opts.enforce_gates)  # reported always; exit 1 only when enforced
             if target_plan is not the_plan:
                 results[t].notes.append(f"the plan's SmoothQuant factors ({len(the_plan.smoothing)} tensors) are not "
                                         f"applied on {t}: its per-tensor MatMul/Gemm weights cannot absorb the "

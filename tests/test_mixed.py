@@ -159,6 +159,23 @@ def test_speed_gate_fails_when_speed_does_not_pay_for_fidelity() -> None:
     assert evaluate_gates(entry)["speed-per-fidelity"]["status"] == PASS
 
 
+def test_failed_gate_sets_exit_code_only_when_enforced(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Gates are always evaluated and reported; a failed one gives exit 1 only under --enforce-gates."""
+    from deployer import deploy
+    from deployer.commands import exit_code_for_report
+    from tests.test_int4 import _mlp, _samples
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_mlp(), path)
+    res = deploy(str(path), _samples(), targets="tensorrt", out_dir=tmp_path / "o", no_cache=True)
+    gates = res.report["targets"]["tensorrt"]["gates"]
+    assert gates and all(g["enforced"] is False for g in gates.values())
+    failing = {"targets": {"t": {"gates": {"speed-per-fidelity": {"status": FAIL, "enforced": False}}}}}
+    assert exit_code_for_report(failing) == 0
+    failing["targets"]["t"]["gates"]["speed-per-fidelity"]["enforced"] = True
+    assert exit_code_for_report(failing) == 1
+
+
 def test_recall_gate() -> None:
     entry = {"fidelity": {"top1_agreement": 0.99}, "size_bytes": {"fp32": 100, "artifact": 30},
              "labelled": {"fp32": {"recall": 0.80}, "artifact": {"recall": 0.74}}}
