@@ -9,7 +9,11 @@ the plan to the plan's range, under the TFLite int8 spec
 - ops whose output must equal their input parameters (RESHAPE, pooling, CONCATENATION inputs and
   output, PAD, TRANSPOSE, SQUEEZE ...) and ops with fixed output parameters (SOFTMAX/LOGISTIC
   1/256, -128; TANH 1/128, 0) keep the spec's values: listed as deviations;
-- int32 biases are re-expressed with ``bias_scale = input_scale * weight_scale`` per channel.
+- int32 biases are re-expressed with ``bias_scale = input_scale * weight_scale`` per channel;
+- additive attention masks (0 where attended, the float32 minimum where padded; never in the plan):
+  the ``ADD`` of scores and mask takes the scores' plan range, so padded positions saturate to its
+  minimum, and the mask tensor gets ``[min - max, 0]`` (0 exact, the padding value saturating); the
+  converter's own calibration of these tensors spans ~1e38 and makes the kernels unusable.
 
 Tensors are matched by name: the TF translation names the last TF op of each ONNX node
 ``onnxt<k>x`` (k = index of the ONNX output), and LiteRT keeps that name first in fused tensor names.
@@ -23,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from deployer.patterns import MASK_MAGNITUDE
 from deployer.plan import QuantPlan
 from deployer.quant import asymmetric_params
 
@@ -168,6 +173,9 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
         set_params(ti, scale, zp)
         res.from_plan += 1
 
+    # 1b. additive attention masks: ADD(scores, mask) where only the scores have a plan range
+    _apply_masks(model, sg, code_of, onnx_name, plan, params, set_params, is_activation, res, int16)
+
     # 2. tied ops: output (and for CONCATENATION all inputs) share the first input's parameters
     for op in sg.operators:
         code = code_of(op)
@@ -246,6 +254,74 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
         bias.quantization.zeroPoint = np.zeros(len(new_scale), dtype=np.int64)
 
     return serialize(model), res
+
+
+def _apply_masks(model: Any, sg: Any, code_of: Any, onnx_name: Any, plan: QuantPlan, params: Any, set_params: Any,
+                 is_activation: Any, res: PlanApplication, int16: int) -> None:
+    """Quantization of additive masks (see the module docstring): for each ``ADD`` whose output has
+    no plan range, one input a plan range (the scores) and the other a mask-sized range (beyond
+    :data:`deployer.patterns.MASK_MAGNITUDE`), the output takes the scores' range; the mask tensor
+    ``[min(scores.min - scores.max over its ADDs), 0]``, with the constant inputs of a ``SELECT``
+    producing it requantized to the new parameters."""
+
+    def span(ti: int) -> float:
+        s, z = params(ti)
+        if len(s) != 1:
+            return 0.0
+        q = (-32768, 32767) if sg.tensors[ti].type == int16 else (-128, 127)
+        return max(abs((q[0] - z[0]) * s[0]), abs((q[1] - z[0]) * s[0]))
+
+    def plan_range(ti: int) -> Any:
+        name = onnx_name(ti)
+        return plan.range_of(name) if name else None
+
+    producer = {int(o): op for op in sg.operators for o in op.outputs}
+    mask_lo: dict[int, float] = {}
+    for op in sg.operators:
+        if code_of(op) != "ADD" or len(op.inputs) != 2:
+            continue
+        out = int(op.outputs[0])
+        ins = [int(i) for i in op.inputs]
+        if not is_activation(out) or plan_range(out) is not None or not all(is_activation(i) for i in ins):
+            continue
+        ranged = [i for i in ins if plan_range(i) is not None]
+        if len(ranged) != 1:
+            continue
+        mask = ins[1] if ranged[0] == ins[0] else ins[0]
+        if plan_range(mask) is not None or span(mask) < MASK_MAGNITUDE:
+            continue
+        r = plan_range(ranged[0])
+        wide = sg.tensors[out].type == int16
+        set_params(out, *activation_params(r.min, r.max, wide))
+        mask_lo[mask] = min(mask_lo.get(mask, 0.0), r.min - r.max)
+        res.deviations.append({"tensor": onnx_name(out) or _str(sg.tensors[out].name), "op": "ADD",
+                               "reason": "additive attention mask: the sum takes the scores' plan range (masked "
+                                         "positions saturate to its minimum)"})
+        _drop(res.unmapped, _str(sg.tensors[out].name))
+    for ti, lo in mask_lo.items():
+        wide = sg.tensors[ti].type == int16
+        scale, zp = activation_params(lo, 0.0, wide)
+        prod = producer.get(ti)
+        if prod is not None and code_of(prod) in ("SELECT", "SELECT_V2"):
+            for ci in [int(i) for i in prod.inputs[1:]]:
+                t = sg.tensors[ci]
+                buf = model.buffers[t.buffer] if t.buffer else None
+                s, z = params(ci)
+                if buf is None or buf.data is None or len(s) != 1 or t.type not in (sg.tensors[ti].type,):
+                    continue
+                dt = np.int16 if t.type == int16 else np.int8
+                real = (np.frombuffer(bytes(bytearray(buf.data)), dtype=dt).astype(np.float64) - z[0]) * s[0]
+                info = np.iinfo(dt)
+                q = np.clip(np.rint(real / scale + zp), info.min, info.max).astype(dt)
+                buf.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
+                set_params(ci, scale, zp)
+        set_params(ti, scale, zp)
+        _drop(res.unmapped, _str(sg.tensors[ti].name))
+
+
+def _drop(items: list[str], item: str) -> None:
+    if item in items:
+        items.remove(item)
 
 
 def serialize(model: Any) -> bytes:

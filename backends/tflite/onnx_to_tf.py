@@ -7,8 +7,15 @@ plan and are applied after conversion (``backends.tflite.apply_plan``).
 
 Layout: with ``layout="nhwc"`` every 4-D activation is carried NHWC (TFLite's native layout) and the
 graph input is NHWC; ``layout="nchw"`` keeps the model's NCHW input and transposes internally.
+Tensors that are not 4-D (token ids, masks, transformer activations) keep the ONNX layout.
 Supported ONNX ops are listed in :data:`SUPPORTED_OPS`; anything else raises
 :class:`deployer.errors.UnsupportedModelError` naming the node.
+
+Transformer encoders: integer inputs (token ids, attention masks) keep their dtype; ``Gather`` casts
+int64 indices to int32 (TFLite's index type); the exact-GELU chain ``x/sqrt(2) -> Erf -> +1 -> *x -> *0.5``
+becomes one TFLite ``GELU`` (TFLite has no ``Erf`` builtin; a lone ``Erf`` is computed with the
+Abramowitz-Stegun 7.1.26 polynomial, error below 1.5e-7); ``LayerNormalization`` is decomposed into
+mean / variance / rsqrt ops.
 """
 
 from __future__ import annotations
@@ -26,7 +33,13 @@ SUPPORTED_OPS = (
     "Conv", "Relu", "Clip", "Add", "Sub", "Mul", "Div", "GlobalAveragePool", "AveragePool", "MaxPool",
     "Reshape", "Flatten", "Gemm", "MatMul", "Softmax", "Sigmoid", "Tanh", "Concat", "Identity",
     "HardSigmoid", "HardSwish", "Transpose", "Min", "Max",
+    # transformer encoders (BERT/MiniLM): embeddings, masks, LayerNorm, GELU, pooling
+    "Gather", "Cast", "Unsqueeze", "Squeeze", "Expand", "Slice", "Where", "And", "Or", "Not", "Equal", "Greater",
+    "Less", "ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceL2", "LayerNormalization", "Erf", "Sqrt",
+    "Pow", "Neg", "Exp", "Log", "Abs", "Reciprocal",
 )
+
+_GELU_SQRT2 = float(np.sqrt(2.0))
 
 
 @dataclass
@@ -85,6 +98,7 @@ class OnnxToTf:
         self.tensor_ids = {o: i for i, o in enumerate(o for n in model.graph.node for o in n.output)}
         init_names = set(self.consts)
         self.inputs = [i for i in model.graph.input if i.name not in init_names]
+        self.gelu_end, self.gelu_skip = _gelu_chains(model, self.consts)
 
     def input_signature(self) -> list[Any]:
         """TensorSpecs of the graph inputs in the chosen layout."""
@@ -108,7 +122,7 @@ class OnnxToTf:
             for vi, a in zip(self.inputs, args):
                 env[vi.name] = _T(a, nhwc=len(a.shape) == 4 and self.layout == "nhwc")
             for node in self.model.graph.node:
-                if node.op_type == "Constant":
+                if node.op_type == "Constant" or node.output[0] in self.gelu_skip:
                     continue
                 self._name = f"onnxt{self.tensor_ids[node.output[0]]}x" if self.tag_tensors else None
                 outs = self._op(node, env)
@@ -163,6 +177,11 @@ class OnnxToTf:
         tf = self.tf
         op = node.op_type
         at = _attrs(node)
+        if node.output[0] in self.gelu_end:
+            x = self._get(env, self.gelu_end[node.output[0]])
+            return [_T(tf.nn.gelu(x.value, approximate=False, name=self._name), x.nhwc)]
+        if op in _TRANSFORMER_OPS:
+            return [self._transformer_op(node, env, at)]
         if op == "Conv":
             return [self._conv(node, env, at)]
         if op == "Relu":
@@ -176,6 +195,10 @@ class OnnxToTf:
                 return [_T(tf.nn.relu6(x.value, name=self._name), x.nhwc)]
             if lo == 0.0 and np.isinf(hi):
                 return [_T(tf.nn.relu(x.value, name=self._name), x.nhwc)]
+            if np.isinf(hi):
+                return [_T(tf.maximum(x.value, tf.constant(lo, x.value.dtype), name=self._name), x.nhwc)]
+            if np.isinf(lo):
+                return [_T(tf.minimum(x.value, tf.constant(hi, x.value.dtype), name=self._name), x.nhwc)]
             return [_T(tf.clip_by_value(x.value, lo, hi, name=self._name), x.nhwc)]
         if op in ("Sigmoid", "Tanh", "Identity"):
             x = self._get(env, node.input[0])
@@ -258,6 +281,142 @@ class OnnxToTf:
             return [_T(tf.concat([self._nchw(t) if t.nhwc else t.value for t in ts], axis=axis, name=self._name))]
         raise UnsupportedModelError(f"TFLite lowering does not support ONNX op {op} (node {node.name!r})")
 
+    # -- transformer encoder ops (tensors in the ONNX layout) ------------------------------------
+    def _onnx(self, env: dict[str, _T], name: str) -> Any:
+        """A tensor's value in the ONNX layout (NHWC activations transposed back)."""
+        t = self._get(env, name)
+        return self._nchw(t) if t.nhwc else t.value
+
+    def _axes(self, node: onnx.NodeProto, at: dict[str, Any], rank: int) -> list[int] | None:
+        """Axes from the attribute (old opsets) or the constant second input; None when absent."""
+        if len(node.input) > 1 and node.input[1]:
+            if node.input[1] not in self.consts:
+                raise UnsupportedModelError(f"{node.op_type} {node.name!r}: axes must be a constant")
+            axes = [int(a) for a in np.ravel(self.consts[node.input[1]])]
+        elif "axes" in at:
+            axes = [int(a) for a in at["axes"]]
+        else:
+            return None
+        return sorted(a % rank for a in axes)
+
+    def _const_ints(self, node: onnx.NodeProto, i: int) -> list[int] | None:
+        if len(node.input) <= i or not node.input[i]:
+            return None
+        if node.input[i] not in self.consts:
+            raise UnsupportedModelError(f"{node.op_type} {node.name!r}: input {i} must be a constant")
+        return [int(v) for v in np.ravel(self.consts[node.input[i]])]
+
+    def _transformer_op(self, node: onnx.NodeProto, env: dict[str, _T], at: dict[str, Any]) -> _T:
+        tf = self.tf
+        op = node.op_type
+        name = self._name
+        unary = {"Sqrt": tf.sqrt, "Neg": tf.negative, "Exp": tf.exp, "Log": tf.math.log, "Abs": tf.abs,
+                 "Reciprocal": tf.math.reciprocal, "Not": tf.logical_not}
+        if op in unary:  # elementwise: any layout
+            x = self._get(env, node.input[0])
+            return _T(unary[op](x.value, name=name), x.nhwc)
+        if op == "Cast":
+            x = self._get(env, node.input[0])
+            dtype = tf.as_dtype(onnx.helper.tensor_dtype_to_np_dtype(at["to"]))
+            return _T(tf.cast(x.value, dtype, name=name), x.nhwc)
+        if op == "Erf":
+            x = self._get(env, node.input[0])
+            return _T(self._erf(x.value), x.nhwc)
+        if op == "Pow":
+            x = self._get(env, node.input[0])
+            e = self.consts.get(node.input[1])
+            if e is not None and e.size == 1 and float(e) == 2.0:
+                return _T(tf.multiply(x.value, x.value, name=name), x.nhwc)
+            if e is not None and e.size == 1 and float(e) == 0.5:
+                return _T(tf.sqrt(x.value, name=name), x.nhwc)
+            return _T(tf.pow(x.value, self._onnx(env, node.input[1]), name=name))
+        xv = self._onnx(env, node.input[0])
+        shape = [int(d) for d in xv.shape]
+        rank = len(shape)
+        if op == "Gather":
+            axis = int(at.get("axis", 0)) % rank
+            if node.input[1] in self.consts:
+                idx = self.consts[node.input[1]].astype(np.int64)
+                idx = np.where(idx < 0, idx + shape[axis], idx).astype(np.int32)
+                return _T(tf.gather(xv, tf.constant(idx), axis=axis, name=name))
+            ids = self._onnx(env, node.input[1])
+            if ids.dtype != tf.int32:  # TFLite gathers with int32 indices; token ids fit
+                ids = tf.cast(ids, tf.int32)
+            return _T(tf.gather(xv, ids, axis=axis, name=name))
+        if op in ("Unsqueeze", "Squeeze"):
+            if op == "Unsqueeze":
+                axes = self._axes(node, at, rank + len(self._const_ints(node, 1) or at.get("axes", [])))
+                out = list(shape)
+                for a in axes or []:
+                    out.insert(a, 1)
+            else:
+                axes = self._axes(node, at, rank)
+                out = [d for i, d in enumerate(shape) if (d != 1 if axes is None else i not in axes)]
+            return _T(tf.reshape(xv, out, name=name))
+        if op == "Expand":
+            target = self._const_ints(node, 1) or []
+            out = list(np.broadcast_shapes(tuple(shape), tuple(target)))
+            if out == shape:
+                return _T(tf.identity(xv, name=name))
+            return _T(tf.broadcast_to(xv, out, name=name))
+        if op == "Slice":
+            return _T(self._slice(node, at, xv, shape))
+        if op == "Where":
+            return _T(tf.where(xv, self._onnx(env, node.input[1]), self._onnx(env, node.input[2]), name=name))
+        if op in ("And", "Or", "Equal", "Greater", "Less"):
+            f = {"And": tf.logical_and, "Or": tf.logical_or, "Equal": tf.equal, "Greater": tf.greater,
+                 "Less": tf.less}[op]
+            return _T(f(xv, self._onnx(env, node.input[1]), name=name))
+        if op.startswith("Reduce"):
+            axes = self._axes(node, at, rank)
+            if axes is None and at.get("noop_with_empty_axes", 0):
+                return _T(tf.identity(xv, name=name))
+            axes = list(range(rank)) if axes is None else axes
+            keep = bool(at.get("keepdims", 1))
+            if op == "ReduceL2":
+                return _T(tf.sqrt(tf.reduce_sum(tf.multiply(xv, xv), axis=axes, keepdims=keep), name=name))
+            f = {"ReduceSum": tf.reduce_sum, "ReduceMean": tf.reduce_mean, "ReduceMax": tf.reduce_max,
+                 "ReduceMin": tf.reduce_min}[op]
+            return _T(f(xv, axis=axes, keepdims=keep, name=name))
+        if op == "LayerNormalization":
+            axes = list(range(int(at.get("axis", -1)) % rank, rank))
+            eps = float(at.get("epsilon", 1e-5))
+            d = tf.subtract(xv, tf.reduce_mean(xv, axis=axes, keepdims=True))
+            var = tf.reduce_mean(tf.multiply(d, d), axis=axes, keepdims=True)
+            y = tf.multiply(d, tf.math.rsqrt(tf.add(var, eps)))
+            has_bias = len(node.input) > 2 and bool(node.input[2])
+            y = tf.multiply(y, self._onnx(env, node.input[1]), name=None if has_bias else name)
+            if has_bias:
+                y = tf.add(y, self._onnx(env, node.input[2]), name=name)
+            return _T(y)
+        raise UnsupportedModelError(f"TFLite lowering does not support ONNX op {op} (node {node.name!r})")
+
+    def _slice(self, node: onnx.NodeProto, at: dict[str, Any], xv: Any, shape: list[int]) -> Any:
+        if "starts" in at:  # opset < 10
+            starts, ends, axes, steps = list(at["starts"]), list(at["ends"]), at.get("axes"), None
+        else:
+            starts, ends = self._const_ints(node, 1) or [], self._const_ints(node, 2) or []
+            axes, steps = self._const_ints(node, 3), self._const_ints(node, 4)
+        axes = [a % len(shape) for a in (axes if axes is not None else range(len(starts)))]
+        steps = steps or [1] * len(starts)
+        begin, end, strides = [0] * len(shape), list(shape), [1] * len(shape)
+        end_mask = 0
+        for a, st, en, sp in zip(axes, starts, ends, steps):
+            b, e, s = slice(st, en, sp).indices(shape[a])
+            begin[a], end[a], strides[a] = b, e, s
+            if e < 0:  # a negative step down to the first element
+                end_mask |= 1 << a
+        return self.tf.strided_slice(xv, begin, end, strides, end_mask=end_mask, name=self._name)
+
+    def _erf(self, x: Any) -> Any:
+        """erf from TFLite builtins (Abramowitz-Stegun 7.1.26, absolute error < 1.5e-7)."""
+        tf = self.tf
+        a1, a2, a3, a4, a5, p = 0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429, 0.3275911
+        ax = tf.abs(x)
+        t = tf.math.reciprocal(1.0 + p * ax)
+        poly = ((((a5 * t + a4) * t + a3) * t + a2) * t + a1) * t
+        return tf.multiply(tf.sign(x), 1.0 - poly * tf.exp(-ax * ax), name=self._name)
+
     def _padding(self, xv: Any, k: list[int], s: list[int], d: list[int], pads: list[int], fill: float,
                  count_include_pad: bool = True, op: str = "Conv") -> tuple[Any, str]:
         tf = self.tf
@@ -304,6 +463,65 @@ class OnnxToTf:
         if has_bias:
             y = tf.nn.bias_add(y, tf.constant(self.consts[node.input[2]]), name=self._name)
         return _T(y, nhwc=True)
+
+
+_TRANSFORMER_OPS = frozenset(SUPPORTED_OPS[SUPPORTED_OPS.index("Gather"):])
+
+
+def _gelu_chains(model: onnx.ModelProto, consts: dict[str, np.ndarray]) -> tuple[dict[str, str], set[str]]:
+    """Exact-GELU chains ``Div(x, sqrt 2) -> Erf -> Add(1) -> Mul(x) -> Mul(0.5)`` (or ``Mul(0.5)`` then
+    ``Mul(x)``; ``Mul(x, 1/sqrt 2)`` instead of the Div), each intermediate used once.
+
+    Returns:
+        (last node's output -> x, outputs of the other nodes of the chain, which are not translated).
+    """
+    producer = {o: n for n in model.graph.node for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    graph_outs = {o.name for o in model.graph.output}
+
+    def const(name: str, value: float) -> bool:
+        c = consts.get(name)
+        return c is not None and c.size == 1 and abs(float(c) - value) < 1e-4 * abs(value)
+
+    def only_user(name: str, op: str) -> onnx.NodeProto | None:
+        us = users.get(name, [])
+        return us[0] if len(us) == 1 and us[0].op_type == op and name not in graph_outs else None
+
+    def other(n: onnx.NodeProto, name: str) -> str:
+        return n.input[1] if n.input[0] == name else n.input[0]
+
+    ends: dict[str, str] = {}
+    skip: set[str] = set()
+    for erf in model.graph.node:
+        if erf.op_type != "Erf":
+            continue
+        scale = producer.get(erf.input[0])
+        if scale is None or only_user(erf.input[0], "Erf") is None:
+            continue
+        if scale.op_type == "Div" and const(scale.input[1], _GELU_SQRT2):
+            x = scale.input[0]
+        elif scale.op_type == "Mul" and (const(scale.input[1], 1 / _GELU_SQRT2) or const(scale.input[0], 1 / _GELU_SQRT2)):
+            x = scale.input[0] if const(scale.input[1], 1 / _GELU_SQRT2) else scale.input[1]
+        else:
+            continue
+        add = only_user(erf.output[0], "Add")
+        if add is None or not const(other(add, erf.output[0]), 1.0):
+            continue
+        m1 = only_user(add.output[0], "Mul")
+        if m1 is None:
+            continue
+        m2 = only_user(m1.output[0], "Mul")
+        if m2 is None:
+            continue
+        first, second = other(m1, add.output[0]), other(m2, m1.output[0])
+        if not ((first == x and const(second, 0.5)) or (const(first, 0.5) and second == x)):
+            continue
+        ends[m2.output[0]] = x
+        skip.update(n.output[0] for n in (scale, erf, add, m1))
+    return ends, skip
 
 
 def _tf_name(name: str) -> str:
