@@ -200,6 +200,20 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
             for t in list(op.inputs) + list(op.outputs):
                 set_params(int(t), scale, zp)
             continue
+        if code in ("MINIMUM", "MAXIMUM") and len(op.inputs) == 2:
+            # TFLite int8 spec: inputs and output share one scale/zero point; the activation input keeps
+            # its plan range, the output and a constant operand take it (the constant requantized)
+            act = [int(i) for i in op.inputs if is_activation(int(i))]
+            s, z = params(act[0]) if act else ([], [])
+            if len(s) == 1:
+                for o in outs:
+                    set_params(o, s[0], z[0])
+                for ci in [int(i) for i in op.inputs if int(i) not in act]:
+                    _requantize_const(model, sg, ci, s[0], z[0], params, set_params)
+                res.deviations.append({"tensor": onnx_name(outs[0]) or _str(sg.tensors[outs[0]].name), "op": code,
+                                       "reason": "TFLite int8 spec: MINIMUM/MAXIMUM inputs and output share one "
+                                                 "scale (the input's plan range)"})
+            continue
         if code in TIED_OPS and len(op.inputs) and op.inputs[0] >= 0:
             s, z = params(int(op.inputs[0]))
             if len(s) == 1:
@@ -304,19 +318,27 @@ def _apply_masks(model: Any, sg: Any, code_of: Any, onnx_name: Any, plan: QuantP
         prod = producer.get(ti)
         if prod is not None and code_of(prod) in ("SELECT", "SELECT_V2"):
             for ci in [int(i) for i in prod.inputs[1:]]:
-                t = sg.tensors[ci]
-                buf = model.buffers[t.buffer] if t.buffer else None
-                s, z = params(ci)
-                if buf is None or buf.data is None or len(s) != 1 or t.type not in (sg.tensors[ti].type,):
-                    continue
-                dt = np.int16 if t.type == int16 else np.int8
-                real = (np.frombuffer(bytes(bytearray(buf.data)), dtype=dt).astype(np.float64) - z[0]) * s[0]
-                info = np.iinfo(dt)
-                q = np.clip(np.rint(real / scale + zp), info.min, info.max).astype(dt)
-                buf.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
-                set_params(ci, scale, zp)
+                if sg.tensors[ci].type == sg.tensors[ti].type:
+                    _requantize_const(model, sg, ci, scale, zp, params, set_params)
         set_params(ti, scale, zp)
         _drop(res.unmapped, _str(sg.tensors[ti].name))
+
+
+def _requantize_const(model: Any, sg: Any, ci: int, scale: float, zp: int, params: Any, set_params: Any) -> None:
+    """Re-express the int8/int16 constant tensor ``ci`` (per-tensor) in new parameters ``(scale, zp)``."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    t = sg.tensors[ci]
+    buf = model.buffers[t.buffer] if t.buffer else None
+    s, z = params(ci)
+    if buf is None or buf.data is None or len(s) != 1:
+        return
+    dt = np.int16 if t.type == schema.TensorType.INT16 else np.int8
+    real = (np.frombuffer(bytes(bytearray(buf.data)), dtype=dt).astype(np.float64) - z[0]) * s[0]
+    info = np.iinfo(dt)
+    q = np.clip(np.rint(real / scale + zp), info.min, info.max).astype(dt)
+    buf.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
+    set_params(ci, scale, zp)
 
 
 def _drop(items: list[str], item: str) -> None:
