@@ -67,7 +67,7 @@ def run_row(args: list[str], out: Path) -> tuple[dict, float, float, str]:
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     rss = usage.ru_maxrss / 1024
-    if os.waitstatus_to_exitcode(status) not in (0, 2) or not (out / "report.json").exists():
+    if os.waitstatus_to_exitcode(status) not in (0, 1, 2) or not (out / "report.json").exists():
         return {}, wall, rss, f"exit {os.waitstatus_to_exitcode(status)}: {stdout[-200:]}"
     return json.loads((out / "report.json").read_text()), wall, rss, ""
 
