@@ -60,6 +60,10 @@ def format_gates(gates: Any) -> str:
     if isinstance(gates, dict):
         if "passed" in gates and len(gates) <= 3:
             return ("pass" if gates["passed"] else "FAIL") + ("" if gates.get("enforced", True) else " (not enforced)")
+        if all(isinstance(v, dict) and "status" in v for v in gates.values()):  # named gates (deployer.gates)
+            return "; ".join(f"{k}: {v['status']}" + (f" ({v['reason']})" if v.get("reason") else "")
+                             + (" (not enforced)" if v.get("enforced") is False and str(v["status"]).lower()
+                                in ("fail", "failed") else "") for k, v in gates.items())
         return "; ".join(f"{k}: {format_gates(v) if isinstance(v, (dict, list)) else v}" for k, v in gates.items())
     if isinstance(gates, list):
         parts = []

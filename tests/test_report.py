@@ -119,6 +119,11 @@ def test_gates_column_shows_report_gates(tmp_path: Path, tiny: tuple[Path, dict]
     rep["targets"]["tensorrt"]["gates"] = [{"name": "top1>=0.99", "passed": False, "enforced": True}]
     html = render(rep, tmp_path)
     assert "top1&gt;=0.99: FAIL" in html and 'class="bad"' in html
+    from deployer.report_html import format_gates
+
+    named = {"speed-per-fidelity": {"status": "fail", "enforced": False, "fidelity_loss_points": 4.3},
+             "size-vs-recall": {"status": "not applicable", "reason": "no labels", "enforced": False}}
+    assert format_gates(named) == "speed-per-fidelity: fail (not enforced); size-vs-recall: not applicable (no labels)"
 
 
 # -- headless Chromium ------------------------------------------------------------------------------
