@@ -97,7 +97,8 @@ def for_policy(plan: QuantPlan, policy: QdqPolicy | None) -> QuantPlan:
         return plan
     import dataclasses
 
-    ranges = {k: v for k, v in plan.ranges.items() if not any(k == f"{t}__smoothed" for t in plan.smoothing)}
+    smoothed = {f"{t}__smoothed" for t in plan.smoothing}
+    ranges = {k: v for k, v in plan.ranges.items() if k not in smoothed}
     return dataclasses.replace(plan, smoothing={}, ranges=ranges)
 
 

@@ -188,14 +188,12 @@ PRESETS: dict[str, list[Rule]] = {
 }
 
 
-def load_rules(recipe: str) -> tuple[str, list[Rule]]:
-    """A preset name, or a JSON/YAML file ``{"base": preset?, "rules": [...]}``.
+def _recipe_file(recipe: str) -> tuple[Path, dict[str, Any]]:
+    """Read and check a recipe file (not a preset): its path and its parsed, validated top level.
 
     Raises:
-        BadInputError: unknown preset, unreadable or malformed file.
+        BadInputError: no such preset or file, unparsable file, or a malformed top level.
     """
-    if recipe in PRESETS:
-        return recipe, list(PRESETS[recipe])
     p = Path(recipe)
     if not p.is_file():
         raise BadInputError(f"unknown recipe {recipe!r}; use one of {', '.join(PRESETS)} or a JSON/YAML rules file")
@@ -215,9 +213,21 @@ def load_rules(recipe: str) -> tuple[str, list[Rule]]:
     if extra:
         raise BadInputError(f"recipe file {p}: unknown top-level key(s) {sorted(extra)}; a recipe holds only "
                             f"'base', 'rules' and 'recovery'")
+    if data.get("base", "int8") not in PRESETS:
+        raise BadInputError(f"recipe file {p}: base {data.get('base')!r} is not one of {', '.join(PRESETS)}")
+    return p, data
+
+
+def load_rules(recipe: str) -> tuple[str, list[Rule]]:
+    """A preset name, or a JSON/YAML file ``{"base": preset?, "rules": [...]}``.
+
+    Raises:
+        BadInputError: unknown preset, unreadable or malformed file.
+    """
+    if recipe in PRESETS:
+        return recipe, list(PRESETS[recipe])
+    p, data = _recipe_file(recipe)
     base = data.get("base", "int8")
-    if base not in PRESETS:
-        raise BadInputError(f"recipe file {p}: base {base!r} is not one of {', '.join(PRESETS)}")
     return f"{base}+{p.name}", list(PRESETS[base]) + [Rule.from_dict(r) for r in data.get("rules", [])]
 
 
@@ -227,17 +237,11 @@ def load_recovery(recipe: str) -> Recovery:
     Raises:
         BadInputError: as :func:`load_rules`, or a malformed ``recovery`` object.
     """
-    name, _ = load_rules(recipe)  # validates the file
     if recipe in PRESETS:
         return PRESET_RECOVERY.get(recipe, Recovery())
-    p = Path(recipe)
-    text = p.read_text(encoding="utf-8")
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
+    p, data = _recipe_file(recipe)
+    for r in data.get("rules", []):
+        Rule.from_dict(r)  # a malformed rule is refused here too, as by load_rules
     base = PRESET_RECOVERY.get(data.get("base", "int8"), Recovery())
     return Recovery.from_dict(data["recovery"], base, f"recipe file {p}") if "recovery" in data else base
 
