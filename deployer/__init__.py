@@ -31,7 +31,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
            ema_momentum: float = 0.9, no_cache: bool = False, bias_correction: bool = True,
            fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
            eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
-           equalize: bool = False, no_smoothquant: bool = False, **backend_options: Any) -> "DeployResult":
+           equalize: bool = False, no_smoothquant: bool = False, adaround: float | None = None,
+           **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
     Args:
@@ -52,6 +53,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         smoothquant: SmoothQuant alpha for transformer MatMuls (Xiao et al. 2023); None = the recipe's
             choice (``mixed``: 0.8). ``no_smoothquant``: none even where the recipe asks for it.
         equalize: cross-layer equalization before calibration (Nagel et al. 2019); off by default.
+        adaround: learned weight rounding (Nagel et al. 2020) with this time budget in seconds; None = off.
         backend_options: ``soc_version``, ``tflite_io``, ``tflite_layout``, ``input_shapes`` (the CLI's
             ``--input-shapes`` grammar as a string or list, or ``{name: "1x3x224x224"}``); others are refused.
 
@@ -79,7 +81,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          ema_momentum=ema_momentum, no_cache=no_cache, bias_correction=bias_correction,
                          fidelity_target=fidelity_target, search_budget=search_budget,
                          enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
-                         equalize=equalize, no_smoothquant=no_smoothquant,
+                         equalize=equalize, no_smoothquant=no_smoothquant, adaround=adaround,
                          backend_options=backend_options)
     return run_deploy(model, calibration, out_dir, opts, plan)
 

@@ -16,9 +16,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from calibration.observers import OBSERVERS
+from deployer.adaround import AdaRoundConfig
 from deployer.errors import DeployerError
 from deployer.mixed import DEFAULT_FIDELITY_TARGET
 from deployer.recovery import DEFAULT_SMOOTHQUANT_ALPHA
+
+ADAROUND_BUDGET_S = AdaRoundConfig().time_budget_s
 
 SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill")
 
@@ -48,6 +51,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="SmoothQuant: migrate activation outliers of INT8 MatMul/Gemm inputs into the weights "
                         f"(no value: alpha {DEFAULT_SMOOTHQUANT_ALPHA}; the mixed recipe turns it on; Xiao et al. 2023)")
     p.add_argument("--no-smoothquant", action="store_true", help="no SmoothQuant, even with the mixed recipe")
+    p.add_argument("--adaround", type=float, default=None, metavar="SECONDS", nargs="?", const=ADAROUND_BUDGET_S,
+                   help="AdaRound: learn the rounding of per-channel INT8 weights on calibration data within this "
+                        f"time budget (no value: {ADAROUND_BUDGET_S:g} s; off by default; Nagel et al. 2020)")
     p.add_argument("--no-bias-correction", action="store_true",
                    help="do not add empirical bias correction (Nagel et al. 2019) to the plan")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -168,6 +174,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache,
                          bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
+                         adaround=a.adaround,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
                          enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     plan = plan_only(a.model, a.calib, a.out, opts, _progress(not (a.quiet or a.json) and sys.stderr.isatty()))
@@ -234,6 +241,7 @@ def cmd_deploy(argv: Sequence[str]) -> int:
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache, backend_options=backend_options,
                          bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
+                         adaround=a.adaround,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
                          enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))

@@ -156,7 +156,7 @@ class Evaluator:
         from deployer.recovery import prepare_for_lowering
 
         self.evaluations += 1
-        plan = for_policy(plan, self.policy)
+        plan = for_policy(plan, self.policy, self.model)
         lowered, _ = lower_qdq(prepare_for_lowering(self.model, plan), plan, self.policy)
         out = onnx_runner(lowered, optimize=False)(self.samples)
         ref = self.reference()

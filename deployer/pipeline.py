@@ -66,6 +66,9 @@ class DeployOptions:
         equalize: cross-layer equalization of Conv pairs before calibration (Nagel et al. 2019,
             :mod:`deployer.equalize`); off by default (it lowers EfficientNet-Lite0's fidelity, see
             ``benchmarks/results/fidelity.md``).
+        adaround: learned rounding of the per-channel INT8 weights (Nagel et al. 2020,
+            :mod:`deployer.adaround`) with this wall-clock budget in seconds; None = the recipe's
+            choice (off in every preset).
         fidelity_target: run the mixed-precision search (:mod:`deployer.mixed`) for this fraction of
             FP32's primary metric (e.g. 0.99); None = no search.
         search_budget: evaluations the search may spend after its sensitivity pass.
@@ -94,6 +97,7 @@ class DeployOptions:
     smoothquant: float | None = None
     no_smoothquant: bool = False
     equalize: bool = False
+    adaround: float | None = None
     fidelity_target: float | None = None
     search_budget: int = 24
     enforce_gates: bool = False
@@ -376,22 +380,45 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         nodes=nodes, ranges=ranges, shared_scales=shared, provenance=provenance(),
     )
     rec = load_recovery(options.recipe)
+    recovery: list[str] = []
+    alpha = None if options.no_smoothquant else (options.smoothquant if options.smoothquant is not None
+                                                 else rec.smoothquant)
+    if alpha is not None:
+        # bias correction below is computed for the unsmoothed weights: exact for targets that do
+        # not apply smoothing (per-tensor MatMul weights), an approximation for the smoothed MatMuls
+        plan = _with_smoothing(plan, inputs, stats, alpha)
+    budget = options.adaround if options.adaround is not None else rec.adaround
+    if budget is not None:
+        plan = _with_rounding(plan, inputs, budget)
     if options.bias_correction and rec.bias_correction:
         from deployer.recovery import compute_bias_correction
 
         means = {n: m for n, st in stats.tensors.items() if (m := st.channel_mean()) is not None}
         plan = plan.with_bias_correction(compute_bias_correction(inputs.reference, plan, means))
-        plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["bias_correction"]})
-    alpha = None if options.no_smoothquant else (options.smoothquant if options.smoothquant is not None
-                                                 else rec.smoothquant)
+        recovery.append("bias_correction")
     if alpha is not None:
-        # after bias correction, which is computed for the unsmoothed weights: exact for targets that do
-        # not apply smoothing (per-tensor MatMul weights), an approximation for the smoothed MatMuls
-        plan = _with_smoothing(plan, inputs, stats, alpha)
+        recovery.append(f"smoothquant(alpha={alpha})")
+    if budget is not None:
+        recovery.append("adaround")
     if options.equalize or rec.equalize:
-        plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": ["cross_layer_equalization"]
-                                            + list(plan.recipe.get("recovery", []))})
+        recovery.insert(0, "cross_layer_equalization")
+    if recovery:
+        plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": recovery})
     return plan
+
+
+def _with_rounding(plan: QuantPlan, inputs: Inputs, budget: float) -> QuantPlan:
+    """Add AdaRound bits (:mod:`deployer.adaround`) learned on the first calibration samples within
+    ``budget`` seconds; the recipe records what was rounded (no timings: plans stay reproducible
+    when the budget is not hit)."""
+    from deployer.adaround import AdaRoundConfig, compute_rounding, encode_bits
+
+    if not budget > 0:
+        raise BadInputError(f"--adaround {budget}: give a time budget in seconds > 0")
+    res = compute_rounding(inputs.reference, plan, inputs.calibration, AdaRoundConfig(time_budget_s=float(budget)))
+    summary = {k: v for k, v in res.summary.items() if k != "seconds"}
+    return dataclasses.replace(plan, rounding={n: encode_bits(b) for n, b in res.bits.items()},
+                               recipe={**plan.recipe, "adaround": summary})
 
 
 def _with_smoothing(plan: QuantPlan, inputs: Inputs, stats: Statistics, alpha: float) -> QuantPlan:
@@ -408,8 +435,7 @@ def _with_smoothing(plan: QuantPlan, inputs: Inputs, stats: Statistics, alpha: f
     for t, s in smoothing.items():
         m = float(np.max(absmax[t] / np.asarray(s)))
         ranges[f"{t}__smoothed"] = TensorRange(-m, m)
-    recovery = list(plan.recipe.get("recovery", [])) + [f"smoothquant(alpha={alpha})"]
-    return dataclasses.replace(plan, smoothing=smoothing, ranges=ranges, recipe={**plan.recipe, "recovery": recovery})
+    return dataclasses.replace(plan, smoothing=smoothing, ranges=ranges)
 
 
 def provenance() -> dict[str, Any]:
@@ -570,7 +596,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
             stats.save(tmp / "statistics.json")
         for t in targets:
             log(f"lowering to {t} ...")
-            target_plan = for_policy(the_plan, getattr(backends[t], "qdq_policy", None))
+            target_plan = for_policy(the_plan, getattr(backends[t], "qdq_policy", None), inputs.reference)
             ctx = LoweringContext(prepared if target_plan is the_plan else prepare_for_lowering(inputs.reference,
                                                                                                 target_plan),
                                   target_plan, tmp, inputs.calibration, dict(opts.backend_options),

@@ -193,6 +193,9 @@ class QuantPlan:
             (:mod:`deployer.recovery`, Nagel et al. 2019).
         smoothing: MatMul input tensor -> SmoothQuant factors (Xiao et al. 2023); the lowered graph
             reads ``<tensor>__smoothed`` = tensor / factors, whose range the plan holds.
+        rounding: node -> AdaRound bits (Nagel et al. 2020; :mod:`deployer.adaround`): one bit per
+            weight (``floor`` or ``floor + 1`` on the per-channel INT8 grid), packed, base64. Written
+            only when non-empty.
     """
 
     model: dict[str, Any]
@@ -205,6 +208,7 @@ class QuantPlan:
     schema_version: str = SCHEMA_VERSION
     bias_correction: dict[str, list[float]] = field(default_factory=dict)
     smoothing: dict[str, list[float]] = field(default_factory=dict)
+    rounding: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.schema_version not in SUPPORTED_SCHEMA_VERSIONS:
@@ -221,6 +225,8 @@ class QuantPlan:
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in factors
             ):
                 raise PlanError(f"plan: smoothing of tensor {tensor!r} must be a list of positive finite numbers")
+        if not isinstance(self.rounding, dict) or not all(isinstance(v, str) for v in self.rounding.values()):
+            raise PlanError("plan: 'rounding' must map node names to base64 text (AdaRound bits)")
         for node, deltas in self.bias_correction.items():
             if not isinstance(deltas, list) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in deltas
@@ -247,7 +253,7 @@ class QuantPlan:
 
     # -- (de)serialization -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "schema_version": self.schema_version,
             "model": self.model,
             "calibration": self.calibration,
@@ -259,6 +265,9 @@ class QuantPlan:
             "bias_correction": {k: self.bias_correction[k] for k in sorted(self.bias_correction)},
             "smoothing": {k: self.smoothing[k] for k in sorted(self.smoothing)},
         }
+        if self.rounding:
+            d["rounding"] = {k: self.rounding[k] for k in sorted(self.rounding)}
+        return d
 
     def to_json(self) -> str:
         """Canonical JSON (sorted keys, fixed float repr): same plan -> same bytes."""
@@ -297,6 +306,7 @@ class QuantPlan:
             provenance=data.get("provenance", {}), schema_version=data["schema_version"],
             bias_correction=data.get("bias_correction", {}),
             smoothing=data.get("smoothing", {}),
+            rounding=data.get("rounding", {}),
         )
 
     @classmethod

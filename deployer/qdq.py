@@ -90,16 +90,30 @@ PER_TENSOR_WEIGHT_SCALE = "mse"
 default) or ``"max"`` (``max|w| / 127``). Per-channel scales are always max-based."""
 
 
-def for_policy(plan: QuantPlan, policy: QdqPolicy | None) -> QuantPlan:
+def for_policy(plan: QuantPlan, policy: QdqPolicy | None, model: onnx.ModelProto | None = None) -> QuantPlan:
     """``plan`` as ``policy``'s target lowers it: without SmoothQuant factors (and their ranges) where the
-    policy does not apply them."""
-    if policy is None or policy.smoothing or not plan.smoothing:
-        return plan
+    policy does not apply them, and without AdaRound bits (:mod:`deployer.adaround`, learned on the
+    per-channel 127-level grid) for weights the policy quantizes per-tensor or on another grid
+    (``model``, the reference, tells which; without it every rounding entry is kept)."""
     import dataclasses
 
-    smoothed = {f"{t}__smoothed" for t in plan.smoothing}
-    ranges = {k: v for k, v in plan.ranges.items() if k not in smoothed}
-    return dataclasses.replace(plan, smoothing={}, ranges=ranges)
+    if policy is None:
+        return plan
+    out = plan
+    if not policy.smoothing and plan.smoothing:
+        smoothed = {f"{t}__smoothed" for t in plan.smoothing}
+        ranges = {k: v for k, v in plan.ranges.items() if k not in smoothed}
+        out = dataclasses.replace(out, smoothing={}, ranges=ranges)
+    if plan.rounding and model is not None:
+        view = GraphView(model)
+        keep = {}
+        for node in model.graph.node:
+            w = view.weight_of(node) if node.name in plan.rounding else None
+            if w is not None and policy.weight_qmax == 127 and policy.per_channel(node, w) is not None:
+                keep[node.name] = plan.rounding[node.name]
+        if len(keep) != len(plan.rounding):
+            out = dataclasses.replace(out, rounding=keep)
+    return out
 
 
 def _set_opset(model: onnx.ModelProto, opset: int) -> None:

@@ -124,24 +124,37 @@ class Recovery:
         bias_correction: empirical bias correction (Nagel et al. 2019), default on.
         smoothquant: SmoothQuant migration strength (Xiao et al. 2023) or None (off).
         equalize: cross-layer equalization before calibration (Nagel et al. 2019).
+        adaround: learned weight rounding (Nagel et al. 2020) with this time budget in seconds, or None
+            (off). A recipe file writes ``true`` (the default budget) or a number of seconds.
     """
 
     bias_correction: bool = True
     smoothquant: float | None = None
     equalize: bool = False
+    adaround: float | None = None
 
     @classmethod
     def from_dict(cls, d: Any, base: "Recovery", where: str) -> "Recovery":
-        if not isinstance(d, dict) or set(d) - {"bias_correction", "smoothquant", "equalize"}:
+        if not isinstance(d, dict) or set(d) - {"bias_correction", "smoothquant", "equalize", "adaround"}:
             raise BadInputError(f"{where}: 'recovery' must be an object with keys bias_correction (true/false), "
-                                f"smoothquant (alpha in [0, 1] or null), equalize (true/false)")
+                                f"smoothquant (alpha in [0, 1] or null), equalize (true/false), "
+                                f"adaround (true/false or a time budget in seconds)")
         sq = d.get("smoothquant", base.smoothquant)
         if sq is not None and (isinstance(sq, bool) or not isinstance(sq, (int, float)) or not 0 <= sq <= 1):
             raise BadInputError(f"{where}: recovery.smoothquant {sq!r}: give alpha in [0, 1] or null")
         bc, eq = d.get("bias_correction", base.bias_correction), d.get("equalize", base.equalize)
         if not isinstance(bc, bool) or not isinstance(eq, bool):
             raise BadInputError(f"{where}: recovery.bias_correction and recovery.equalize must be true or false")
-        return cls(bc, None if sq is None else float(sq), eq)
+        ada = d.get("adaround", base.adaround)
+        if ada is True:
+            from deployer.adaround import AdaRoundConfig
+
+            ada = AdaRoundConfig().time_budget_s
+        elif ada is False:
+            ada = None
+        if ada is not None and (not isinstance(ada, (int, float)) or not ada > 0):
+            raise BadInputError(f"{where}: recovery.adaround {ada!r}: give true, false or a time budget in seconds > 0")
+        return cls(bc, None if sq is None else float(sq), eq, None if ada is None else float(ada))
 
 
 MIXED_SMOOTHQUANT_ALPHA = 0.8

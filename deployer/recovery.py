@@ -95,8 +95,11 @@ def compute_bias_correction(model: onnx.ModelProto, plan: QuantPlan,
             (:meth:`calibration.observers.TensorStats.channel_mean`) or :func:`input_channel_means`.
 
     The weight is quantized as the plan says (symmetric INT8, per-channel on the output-channel axis
-    or per-tensor), exactly as every backend quantizes it.
+    or per-tensor), exactly as every backend quantizes it; a node with AdaRound bits in the plan
+    (``plan.rounding``) is corrected for its learned rounding instead.
     """
+    from deployer.adaround import decode_bits, rounded_weight
+
     view = GraphView(model)
     nodes = _targets(model, plan)
     out: dict[str, list[float]] = {}
@@ -107,7 +110,10 @@ def compute_bias_correction(model: onnx.ModelProto, plan: QuantPlan,
             continue
         scheme = plan.nodes[node.name].weight
         assert scheme is not None
-        if scheme.granularity == Granularity.PER_CHANNEL:
+        if node.name in plan.rounding and scheme.granularity == Granularity.PER_CHANNEL:
+            axis = weight_channel_axis(node)
+            wq = rounded_weight(w, axis, decode_bits(plan.rounding[node.name], w.shape, node.name))
+        elif scheme.granularity == Granularity.PER_CHANNEL:
             axis = weight_channel_axis(node)
             scale = per_channel_scales(w, axis)
             wq = dequantize(quantize(w, scale, 0, -127, 127, axis=axis), scale, axis=axis)
@@ -259,10 +265,16 @@ def apply_smoothing(model: onnx.ModelProto, smoothing: dict[str, list[float]]) -
 
 
 def prepare_for_lowering(reference: onnx.ModelProto, plan: QuantPlan) -> onnx.ModelProto:
-    """The model every backend lowers: the reference with the plan's bias correction and smoothing.
+    """The model every backend lowers: the reference with the plan's AdaRound weights, bias
+    correction and smoothing.
 
-    A bias correction compensates the rounding of an INT8 weight, so it applies only to nodes the
-    plan keeps in INT8 (a layer moved to FP16 by the search keeps its original bias).
+    Learned rounding and bias correction compensate the rounding of an INT8 weight, so they apply only
+    to nodes the plan keeps in INT8 (a layer moved to FP16 by the search keeps its original weight and
+    bias).
     """
-    corrections = {n: d for n, d in plan.bias_correction.items() if plan.precision_of(n) == Precision.INT8}
-    return apply_smoothing(apply_bias_correction(reference, corrections), plan.smoothing)
+    from deployer.adaround import apply_rounding
+
+    int8 = {n for n, d in plan.nodes.items() if d.precision == Precision.INT8}
+    corrections = {n: d for n, d in plan.bias_correction.items() if n in int8}
+    rounding = {n: b for n, b in plan.rounding.items() if n in int8}
+    return apply_smoothing(apply_bias_correction(apply_rounding(reference, rounding), corrections), plan.smoothing)
