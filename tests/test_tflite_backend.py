@@ -107,17 +107,59 @@ def test_16x8_rejects_uint8_io(setup, tmp_path):
                                               {"tflite_mode": "16x8", "tflite_io": "uint8"}))
 
 
-@pytest.mark.xfail(strict=True, reason="open: with per-channel disabled the converter still stores the "
-                   "FULLY_CONNECTED tensor 'MatMul' with 10 equal scales and apply_plan's collapse does not reach it yet")
+def _weight_quantization(tflite_bytes: bytes) -> list[tuple[str, str, list, list, list]]:
+    """(op, weight name, input scales, weight scales, bias scales) of every conv/depthwise/FC as stored."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    from backends.tflite.apply_plan import _opnames
+
+    m = flatbuffer_utils.convert_bytearray_to_object(bytearray(tflite_bytes))
+    names, sg, rows = _opnames(), m.subgraphs[0], []
+    for op in sg.operators:
+        oc = m.operatorCodes[op.opcodeIndex]
+        code = names[max(oc.builtinCode, oc.deprecatedBuiltinCode)]
+        if code in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            x, w, b = (sg.tensors[int(i)] for i in op.inputs[:3])
+            rows.append((code, w.name.decode(), list(x.quantization.scale), list(w.quantization.scale),
+                         list(b.quantization.scale)))
+    return rows
+
+
+def _assert_per_tensor(tflite_bytes: bytes) -> None:
+    rows = _weight_quantization(tflite_bytes)
+    assert {r[0] for r in rows} == {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+    for code, name, x_s, w_s, b_s in rows:
+        assert len(w_s) == 1, f"{code} weight {name} has {len(w_s)} scales"
+        assert len(b_s) == 1, f"{code} bias of {name} has {len(b_s)} scales"
+        assert b_s[0] == pytest.approx(x_s[0] * w_s[0], rel=1e-6)  # TFLite spec: input_scale * weight_scale
+
+
 def test_per_tensor_weights(setup, lower):
+    # The stored file is what a runtime without per-channel kernels reads. (LiteRT's XNNPACK delegate
+    # expands a per-tensor FULLY_CONNECTED weight into C equal scales in memory after allocate_tensors,
+    # so get_tensor_details() of a delegated interpreter shows C scales for a one-scale tensor.)
     art = lower(tflite_per_tensor=True)
     assert art.extra["weights"] == "int8 per-tensor"
     assert any("per-tensor" in n for n in art.notes)
-    it = _interp(art.path)
-    for d in it.get_tensor_details():
-        qp = d["quantization_parameters"]
-        assert len(qp["scales"]) <= 1, f"{d['name']} has {len(qp['scales'])} scales"
+    _assert_per_tensor(art.path.read_bytes())
+    assert max(len(r[3]) for r in _weight_quantization(lower().path.read_bytes())) > 1  # default: per-channel
     assert _cosine(setup.ref, art.run(setup.heldout)) > 0.98
+
+
+def test_per_tensor_requantizes_per_channel_weights(setup, lower, tmp_path):
+    # a converter that leaves layers per-channel (distinct scales): apply_plan requantizes them per-tensor
+    from backends.tflite.apply_plan import apply_plan_ranges
+    from backends.tflite.backend import tflite_runner
+
+    per_channel = lower().path.read_bytes()
+    ids = [o for n in setup.model.graph.node for o in n.output]
+    out, applied = apply_plan_ranges(per_channel, setup.plan, ids, [o.name for o in setup.model.graph.output],
+                                     ["input"], per_tensor=True)
+    assert len(applied.requantized_weights) >= 3
+    _assert_per_tensor(out)
+    path = tmp_path / "requantized.tflite"
+    path.write_bytes(out)
+    assert _cosine(setup.ref, tflite_runner(path, setup.model, "nhwc")(setup.heldout)) > 0.98
 
 
 def test_latency_is_measured(setup, tmp_path):

@@ -45,6 +45,7 @@ class PlanApplication:
     from_plan: int = 0
     deviations: list[dict[str, Any]] = field(default_factory=list)
     unmapped: list[str] = field(default_factory=list)
+    requantized_weights: list[str] = field(default_factory=list)
 
 
 def _opnames() -> dict[int, str]:
@@ -79,8 +80,10 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
         plan: the plan whose ``ranges`` to apply.
         onnx_tensor_by_id: ONNX node-output names indexed by the ``k`` of ``onnxt<k>x``.
         output_names / input_names: ONNX graph outputs/inputs in order (matched by position).
-        per_tensor: store weights whose per-channel scales are all equal (the converter's output with
-            per-channel quantization disabled) with one scale, as TFLite Micro's FULLY_CONNECTED requires.
+        per_tensor: give every int8 weight tensor exactly one scale (TFLite Micro's FULLY_CONNECTED and
+            some delegates have no per-channel kernels): C equal scales are stored as one; per-channel
+            scales that differ (a converter that kept a layer per-channel) are requantized to the
+            tensor's absolute maximum / 127 and listed in ``requantized_weights``.
 
     Returns:
         (new flatbuffer bytes, :class:`PlanApplication`).
@@ -230,17 +233,15 @@ def apply_plan_ranges(tflite_bytes: bytes, plan: QuantPlan, onnx_tensor_by_id: l
             s, z = params(inner)
             set_params(io_t, s[0], z[0] + 128)
 
-    # 4. per-tensor weights: one scale and zero point instead of C equal ones
+    # 4. per-tensor weights: exactly one scale per weight tensor (conv, depthwise, fully-connected); the
+    #    int32 biases then follow in step 5 with one scale, input_scale * weight_scale
     if per_tensor:
-        for t in sg.tensors:
+        for ti, t in enumerate(sg.tensors):
             q = t.quantization
             if q is None or q.scale is None or len(q.scale) < 2 or t.type != schema.TensorType.INT8:
                 continue
-            sc = np.asarray(q.scale, np.float64)
-            if sc.max() - sc.min() <= 1e-6 * sc.max():  # equal up to float rounding
-                q.scale = np.asarray([sc.max()], np.float32)
-                q.zeroPoint = np.asarray(q.zeroPoint[:1], np.int64)
-                q.quantizedDimension = 0
+            if _weights_to_per_tensor(model, t):
+                res.requantized_weights.append(_str(t.name))
 
     # 5. integer biases follow input_scale * weight_scale
     for op in sg.operators:
@@ -339,6 +340,34 @@ def _requantize_const(model: Any, sg: Any, ci: int, scale: float, zp: int, param
     q = np.clip(np.rint(real / scale + zp), info.min, info.max).astype(dt)
     buf.data = np.frombuffer(q.tobytes(), dtype=np.uint8)
     set_params(ci, scale, zp)
+
+
+def _weights_to_per_tensor(model: Any, t: Any) -> bool:
+    """Store the per-channel int8 weight tensor ``t`` with one scale and zero point 0.
+
+    Equal scales (up to float rounding) keep the int8 values; otherwise the real weights are
+    requantized symmetric per-tensor, ``scale = max|w| / 127`` (the spec's [-127, 127]).
+    Returns True when the values were requantized.
+    """
+    q = t.quantization
+    sc = np.asarray(q.scale, np.float64)
+    requantized = False
+    if sc.max() - sc.min() > 1e-6 * sc.max():
+        buf = model.buffers[t.buffer]
+        shape = [int(d) for d in t.shape]
+        w = np.frombuffer(bytes(bytearray(buf.data)), dtype=np.int8).astype(np.float64).reshape(shape)
+        bshape = [1] * len(shape)
+        bshape[int(q.quantizedDimension)] = len(sc)
+        real = w * sc.reshape(bshape)
+        scale = max(float(np.abs(real).max()) / 127.0, 1e-12)
+        new = np.clip(np.rint(real / scale), -127, 127).astype(np.int8)
+        buf.data = np.frombuffer(new.tobytes(), dtype=np.uint8)
+        sc = np.asarray([scale])
+        requantized = True
+    q.scale = np.asarray([sc.max()], np.float32)
+    q.zeroPoint = np.zeros(1, np.int64)
+    q.quantizedDimension = 0
+    return requantized
 
 
 def _drop(items: list[str], item: str) -> None:

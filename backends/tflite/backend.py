@@ -96,8 +96,9 @@ class TFLiteBackend:
             integer_ops = (tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8 if wide
                            else tf.lite.OpsSet.TFLITE_BUILTINS_INT8)
             c.target_spec.supported_ops = [integer_ops] if opts.strict else [integer_ops, tf.lite.OpsSet.TFLITE_BUILTINS]
-            if opts.per_tensor:
+            if opts.per_tensor:  # apply_plan_ranges(per_tensor=True) enforces one scale per weight either way
                 c._experimental_disable_per_channel = True
+                c._experimental_disable_per_channel_quantization_for_dense_layers = True
             io_dtype = {"int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16}.get(opts.io_dtype)
             if io_dtype is not None:
                 c.inference_input_type = io_dtype
@@ -129,7 +130,10 @@ class TFLiteBackend:
         if wide:
             notes.append("16x8: int16 activations (symmetric, zero point 0), int8 weights")
         if opts.per_tensor:
-            notes.append("weights per-tensor (for runtimes without per-channel support, e.g. TFLite Micro FC)")
+            notes.append("weights per-tensor: one scale per conv/depthwise/fully-connected weight and its int32 "
+                         "bias (for runtimes without per-channel support, e.g. TFLite Micro FULLY_CONNECTED)"
+                         + (f"; {len(applied.requantized_weights)} weight tensor(s) the converter left per-channel "
+                            f"were requantized per-tensor" if applied.requantized_weights else ""))
         non_int8 = [n for n, d in ctx.plan.nodes.items() if d.precision != Precision.INT8]
         if non_int8:
             notes.append(f"{len(non_int8)} plan node(s) not INT8 were lowered to integer: this backend is full-integer")
@@ -147,6 +151,7 @@ class TFLiteBackend:
             "io": io_quantization(int8_bytes), "layout": opts.layout, "io_type": opts.io_dtype,
             "activations": "int16" if wide else "int8",
             "weights": "int8 per-tensor" if opts.per_tensor else "int8 per-channel",
+            **({"weights_requantized_per_tensor": applied.requantized_weights} if opts.per_tensor else {}),
             "plan_deviations": applied.deviations, "tensors_from_plan": applied.from_plan,
             "tensors_without_plan_range": applied.unmapped, "float_ops": floats,
         }
