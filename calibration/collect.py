@@ -196,6 +196,8 @@ def collect_statistics(
     chan_sum: dict[str, np.ndarray] = {}
     chan_count: dict[str, int] = {}
     last_max: dict[str, np.ndarray] = {}
+    last_abs: dict[str, np.ndarray] = {}
+    last_rows: dict[str, int] = {}
     subsets: dict[int, np.ndarray | slice] = {}
     total = len(samples) if hasattr(samples, "__len__") else 0  # type: ignore[arg-type]
     bmin: dict[str, float] = {}
@@ -241,13 +243,16 @@ def collect_statistics(
                     prev += cs
                     chan_count[n] += v.size // v.shape[1]
             if v.ndim >= 2 and n in matmul_inputs:
-                rows = v.reshape(-1, v.shape[-1])
-                lm = np.maximum(rows.max(axis=0), -rows.min(axis=0)).astype(np.float64)
+                rows = np.abs(v.reshape(-1, v.shape[-1]))
+                lm = rows.max(axis=0).astype(np.float64)
+                la = rows.sum(axis=0).astype(np.float64)
                 prev = last_max.get(n)
                 if prev is None:
-                    last_max[n] = lm
+                    last_max[n], last_abs[n], last_rows[n] = lm, la, rows.shape[0]
                 elif prev.shape == lm.shape:
                     np.maximum(prev, lm, out=prev)
+                    last_abs[n] += la
+                    last_rows[n] += rows.shape[0]
             bmin[n] = min(bmin.get(n, lo), lo)
             bmax[n] = max(bmax.get(n, hi), hi)
         if last_of_batch:
@@ -292,6 +297,8 @@ def collect_statistics(
         tensors[n].channel_count = chan_count[n]
     for n, a in last_max.items():
         tensors[n].last_axis_absmax = [float(x) for x in a]
+        tensors[n].last_axis_abssum = [float(x) for x in last_abs[n]]
+        tensors[n].last_axis_rows = last_rows[n]
     stats = Statistics(settings={"ema_momentum": ema_momentum, "ema_batch": ema_batch})
     stats.tensors = tensors
     _warn_degenerate(stats, input_names)
@@ -304,7 +311,7 @@ def statistics_settings(ema_momentum: float = DEFAULT_EMA_MOMENTUM, ema_batch: i
     """Everything that shapes statistics (the cache key; the observer is not part of it)."""
     return {"ema_momentum": ema_momentum, "ema_batch": ema_batch, "bins": bins, "hist_elements": hist_elements,
             "skip": sorted(skip or ()), "format": STATS_FORMAT, "channel_means": "weighted-op inputs",
-            "last_axis_absmax": "MatMul/Gemm inputs"}
+            "last_axis_absmax": "MatMul/Gemm inputs", "last_axis_abssum": "MatMul/Gemm inputs"}
 
 
 def _subset(v: np.ndarray, cap: int, cache: dict[int, np.ndarray | slice]) -> np.ndarray | None:

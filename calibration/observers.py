@@ -43,11 +43,11 @@ import numpy as np
 from calibration.histogram import DEFAULT_BINS, Histogram
 from deployer.errors import BadInputError
 
-OBSERVERS = ("minmax", "ema", "percentile", "entropy", "mse")
+OBSERVERS = ("minmax", "ema", "percentile", "entropy", "mse", "auto")
 HISTOGRAM_OBSERVERS = ("percentile", "entropy", "mse")
 DEFAULT_EMA_MOMENTUM = 0.9
 DEFAULT_EMA_BATCH = 8
-STATS_FORMAT = 2
+STATS_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -102,16 +102,24 @@ class TensorStats:
     channel_sum: list[float] | None = None
     channel_count: int = 0
     last_axis_absmax: list[float] | None = None
+    last_axis_abssum: list[float] | None = None
+    last_axis_rows: int = 0
 
     def observe_last_axis(self, values: np.ndarray) -> None:
-        """Running max |x| per index of the last axis (SmoothQuant's per-input-channel activation scale)."""
+        """Running max |x| (SmoothQuant's per-input-channel activation scale) and sum of |x| per index of
+        the last axis."""
         if values.ndim < 2:
             return
-        amax = np.abs(values.reshape(-1, values.shape[-1])).max(axis=0).astype(np.float64)
-        if self.last_axis_absmax is None:
+        rows = np.abs(values.reshape(-1, values.shape[-1])).astype(np.float64)
+        amax, asum = rows.max(axis=0), rows.sum(axis=0)
+        if self.last_axis_absmax is None or self.last_axis_abssum is None:
             self.last_axis_absmax = [float(v) for v in amax]
+            self.last_axis_abssum = [float(v) for v in asum]
+            self.last_axis_rows = rows.shape[0]
         elif len(self.last_axis_absmax) == len(amax):
             self.last_axis_absmax = [max(a, float(b)) for a, b in zip(self.last_axis_absmax, amax)]
+            self.last_axis_abssum = [a + float(b) for a, b in zip(self.last_axis_abssum, asum)]
+            self.last_axis_rows += rows.shape[0]
 
     def observe_channels(self, values: np.ndarray) -> None:
         """Accumulate the per-channel (axis 1) sum, for bias correction's ``E[x]`` (tensors of rank >= 2)."""
@@ -209,6 +217,12 @@ class TensorStats:
             s.last_axis_absmax = [max(x, y) for x, y in zip(a.last_axis_absmax, b.last_axis_absmax)]
         else:
             s.last_axis_absmax = a.last_axis_absmax or b.last_axis_absmax
+        if a.last_axis_abssum is not None and b.last_axis_abssum is not None:
+            s.last_axis_abssum = [x + y for x, y in zip(a.last_axis_abssum, b.last_axis_abssum)]
+            s.last_axis_rows = a.last_axis_rows + b.last_axis_rows
+        else:
+            src = a if a.last_axis_abssum is not None else b
+            s.last_axis_abssum, s.last_axis_rows = src.last_axis_abssum, src.last_axis_rows
         if a.channel_sum is not None and b.channel_sum is not None and len(a.channel_sum) == len(b.channel_sum):
             s.channel_sum = [x + y for x, y in zip(a.channel_sum, b.channel_sum)]
             s.channel_count = a.channel_count + b.channel_count
@@ -232,6 +246,9 @@ class TensorStats:
             d["channel_count"] = self.channel_count
         if self.last_axis_absmax is not None:
             d["last_axis_absmax"] = self.last_axis_absmax
+        if self.last_axis_abssum is not None:
+            d["last_axis_abssum"] = self.last_axis_abssum
+            d["last_axis_rows"] = self.last_axis_rows
         return d
 
     @classmethod
@@ -309,6 +326,8 @@ def reduce_range(stats: TensorStats, observer: str, params: ObserverParams | Non
     p = params or ObserverParams()
     if observer not in OBSERVERS:
         raise BadInputError(f"unknown observer {observer!r}; choose one of {', '.join(OBSERVERS)}")
+    if observer == "auto":
+        observer = auto_observer(stats)[0]
     if not stats.batches and not math.isfinite(stats.min):
         return 0.0, 0.0
     lo, hi = stats.min, stats.max
@@ -472,3 +491,68 @@ def _mse_threshold(counts: np.ndarray, width: float, levels: int, p: ObserverPar
         if err[k] < best_err:
             best, best_err = float(chunk[k]), float(err[k])
     return best
+
+
+# -- per-tensor choice (``auto``) ------------------------------------------------------------------
+
+OUTLIER_CHANNEL_RATIO = 6.0
+"""A tensor whose largest per-channel (last axis) mean |x| exceeds this multiple of the median channel's
+has *systematic* outlier channels (transformer residual streams and LayerNorm outputs; Dettmers et al.
+2022 "LLM.int8()", Bondarenko et al. 2021). Those values are rare in the histogram but carry the
+model: clipping them is what collapsed all-MiniLM-L6-v2 under a global percentile or MSE observer
+(cosine 0.748 / 0.767 vs 0.978 with min/max). Such tensors keep min/max."""
+
+HEAVY_TAIL_RATIO = 2.0
+"""A signed tensor whose max |x| exceeds this multiple of its 99.99th percentile of |x| has a heavy,
+sparse tail (isolated spikes rather than outlier channels): the percentile observer clips it."""
+
+CLAMPING_PRODUCERS = ("Clip", "Sigmoid", "HardSigmoid", "Softmax")
+"""Ops whose output is bounded above by construction (ReLU6 exports as Clip): the bound is the range."""
+
+
+def auto_observer(stats: TensorStats, producer: str | None = None, residual_stream: bool = False) -> tuple[str, str]:
+    """The observer ``auto`` uses for one tensor, and why (one short phrase).
+
+    Args:
+        stats: the tensor's calibration statistics.
+        producer: op type of the node producing it (None for graph inputs or unknown).
+        residual_stream: the tensor is a LayerNorm input or output or a residual Add before a
+            LayerNorm (:func:`deployer.patterns.find_patterns`): where transformers keep their outlier
+            channels.
+
+    Rules, first match wins:
+
+    1. a transformer residual stream (``residual_stream``), or systematic outlier channels
+       (:data:`OUTLIER_CHANNEL_RATIO`, from the per-channel mean |x| kept for MatMul/Gemm inputs):
+       ``minmax``;
+    2. an output bounded by its producer (:data:`CLAMPING_PRODUCERS`): ``minmax``;
+    3. never negative (ReLU outputs, pooled ReLU features): ``entropy`` (TensorRT's calibrator for CNN
+       activations, Migacz 2017, with its floor at the 99.9th percentile);
+    4. a heavy, sparse tail (:data:`HEAVY_TAIL_RATIO`): ``percentile`` (99.99; Wu et al. 2020
+       "Integer Quantization for Deep Learning Inference", section 4.2);
+    5. otherwise ``minmax``.
+
+    The caller keeps network outputs and pre-softmax logits at min/max in any case
+    (:func:`calibration.collect.unclipped_tensors`).
+    """
+    if stats.hist is None or not stats.hist.total:
+        return "minmax", "no histogram"
+    if residual_stream:
+        return "minmax", "residual stream"
+    ch = stats.last_axis_abssum
+    if ch is not None and len(ch) >= 8 and stats.last_axis_rows:
+        a = np.asarray(ch, dtype=np.float64) / stats.last_axis_rows
+        med = float(np.median(a))
+        if med > 0 and float(a.max()) > OUTLIER_CHANNEL_RATIO * med:
+            return "minmax", "outlier channels"
+    if producer in CLAMPING_PRODUCERS:
+        return "minmax", "bounded activation"
+    if stats.min >= 0.0:
+        return "entropy", "non-negative"
+    amax = max(abs(stats.min), abs(stats.max))
+    cdf = np.cumsum(stats.hist.abs_counts())
+    k = int(np.searchsorted(cdf, 0.9999 * cdf[-1], side="left"))
+    p9999 = (k + 1) * stats.hist.width
+    if p9999 > 0 and amax > HEAVY_TAIL_RATIO * p9999:
+        return "percentile", "heavy tail"
+    return "minmax", "light tail"

@@ -31,7 +31,8 @@ from calibration.adapters import load_calibration
 from calibration.cache import cached_statistics
 from calibration.collect import unclipped_tensors
 from calibration.dataset import CalibrationSet, from_iterable, sha256_file
-from calibration.observers import DEFAULT_EMA_MOMENTUM, HISTOGRAM_OBSERVERS, OBSERVERS, Statistics, reduce_range
+from calibration.observers import (DEFAULT_EMA_MOMENTUM, HISTOGRAM_OBSERVERS, OBSERVERS, Statistics, auto_observer,
+                                   reduce_range)
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
 from deployer.gates import evaluate_gates, failed
@@ -53,7 +54,8 @@ class DeployOptions:
     Attributes:
         targets: backend names (``["tflite", "tensorrt", "ascend"]``) or ``"all"``.
         observer: ``minmax``, ``ema`` (the seed's EMA of per-batch min/max), ``percentile``,
-            ``entropy`` or ``mse`` (see :mod:`calibration.observers`).
+            ``entropy``, ``mse`` or ``auto`` (one of them per tensor,
+            :func:`calibration.observers.auto_observer`); see :mod:`calibration.observers`.
         recipe: preset name (``int8``, ``mixed``, ``fp16``) or a rules file.
         calib_samples: number of calibration samples (built-in examples draw that many crops; user data: a
             seeded shuffle of its calibration part with ``seed``, then the first N).
@@ -347,16 +349,28 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
     if options.observer not in OBSERVERS:
         raise BadInputError(f"unknown observer {options.observer!r}; choose one of {', '.join(OBSERVERS)}")
     recipe_name, rules = load_rules(options.recipe)
+    rec = load_recovery(options.recipe)
+    if rec.observer is not None and options.observer == "minmax":
+        options = dataclasses.replace(options, observer=rec.observer)
     nodes = decide(inputs.reference, rules)
     from deployer.patterns import MASK_MAGNITUDE, mask_paths
 
     masks = mask_paths(inputs.reference)
     keep = unclipped_tensors(inputs.reference)  # outputs/logits: min/max under clipping observers
     ranges = {}
+    producer = {o: nd.op_type for nd in inputs.reference.graph.node for o in nd.output}
+    stream = _residual_stream(inputs.reference) if options.observer == "auto" else set()
+    chosen: dict[str, int] = {}
     for name, st in stats.tensors.items():
         if name in masks:
             continue
-        observer = "minmax" if name in keep and options.observer in HISTOGRAM_OBSERVERS else options.observer
+        observer = options.observer
+        if name in keep and observer in HISTOGRAM_OBSERVERS + ("auto",):
+            observer = "minmax"
+        elif observer == "auto":
+            observer, _ = auto_observer(st, producer.get(name), name in stream)
+        if options.observer == "auto":
+            chosen[observer] = chosen.get(observer, 0) + 1
         lo, hi = reduce_range(st, observer)
         if not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) >= MASK_MAGNITUDE:
             continue  # mask-like values (-inf, float min): never quantized (DESIGN.md section 3)
@@ -375,11 +389,11 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
                "opset": max(i.version for i in inputs.reference.opset_import if i.domain in ("", "ai.onnx"))},
         calibration={"sha256": inputs.calibration.sha256(), "num_samples": len(inputs.calibration),
                      "name": inputs.calibration.name, "observer": options.observer,
-                     "observer_params": {"ema_momentum": options.ema_momentum} if options.observer == "ema" else {}},
+                     "observer_params": {"ema_momentum": options.ema_momentum} if options.observer == "ema"
+                     else {"chosen": dict(sorted(chosen.items()))} if chosen else {}},
         recipe={"name": recipe_name, "rules": [r.to_dict() for r in rules]},
         nodes=nodes, ranges=ranges, shared_scales=shared, provenance=provenance(),
     )
-    rec = load_recovery(options.recipe)
     recovery: list[str] = []
     alpha = None if options.no_smoothquant else (options.smoothquant if options.smoothquant is not None
                                                  else rec.smoothquant)
@@ -405,6 +419,26 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
     if recovery:
         plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": recovery})
     return plan
+
+
+def _residual_stream(model: onnx.ModelProto) -> set[str]:
+    """Inputs and outputs of LayerNorm patterns and outputs of residual Adds before them
+    (:func:`deployer.patterns.find_patterns`): the tensors ``auto`` never clips."""
+    from deployer.patterns import find_patterns
+
+    pats = find_patterns(model)
+    by_name = {n.name: n for n in model.graph.node}
+    out: set[str] = set()
+    for chain in pats.layernorm:
+        first, last = by_name.get(chain[0]), by_name.get(chain[-1])
+        if first is not None and first.input:
+            out.add(first.input[0])
+        if last is not None:
+            out.update(last.output)
+    for name in pats.residual_add:
+        if name in by_name:
+            out.update(by_name[name].output)
+    return out
 
 
 def _with_rounding(plan: QuantPlan, inputs: Inputs, budget: float) -> QuantPlan:

@@ -54,6 +54,7 @@ class ObserverKind(str, Enum):
     PERCENTILE = "percentile"
     ENTROPY = "entropy"
     MSE = "mse"
+    AUTO = "auto"
     IMPORTED = "imported"
 
 

@@ -126,19 +126,23 @@ class Recovery:
         equalize: cross-layer equalization before calibration (Nagel et al. 2019).
         adaround: learned weight rounding (Nagel et al. 2020) with this time budget in seconds, or None
             (off). A recipe file writes ``true`` (the default budget) or a number of seconds.
+        observer: activation observer the recipe asks for (e.g. ``auto``: one observer per tensor,
+            :func:`calibration.observers.auto_observer`); None = the command's ``--observer``. A
+            ``--observer`` other than the default ``minmax`` overrides it.
     """
 
     bias_correction: bool = True
     smoothquant: float | None = None
     equalize: bool = False
     adaround: float | None = None
+    observer: str | None = None
 
     @classmethod
     def from_dict(cls, d: Any, base: "Recovery", where: str) -> "Recovery":
-        if not isinstance(d, dict) or set(d) - {"bias_correction", "smoothquant", "equalize", "adaround"}:
+        if not isinstance(d, dict) or set(d) - {"bias_correction", "smoothquant", "equalize", "adaround", "observer"}:
             raise BadInputError(f"{where}: 'recovery' must be an object with keys bias_correction (true/false), "
                                 f"smoothquant (alpha in [0, 1] or null), equalize (true/false), "
-                                f"adaround (true/false or a time budget in seconds)")
+                                f"adaround (true/false or a time budget in seconds), observer (e.g. \"auto\")")
         sq = d.get("smoothquant", base.smoothquant)
         if sq is not None and (isinstance(sq, bool) or not isinstance(sq, (int, float)) or not 0 <= sq <= 1):
             raise BadInputError(f"{where}: recovery.smoothquant {sq!r}: give alpha in [0, 1] or null")
@@ -154,7 +158,12 @@ class Recovery:
             ada = None
         if ada is not None and (not isinstance(ada, (int, float)) or not ada > 0):
             raise BadInputError(f"{where}: recovery.adaround {ada!r}: give true, false or a time budget in seconds > 0")
-        return cls(bc, None if sq is None else float(sq), eq, None if ada is None else float(ada))
+        from calibration.observers import OBSERVERS
+
+        obs = d.get("observer", base.observer)
+        if obs is not None and obs not in OBSERVERS:
+            raise BadInputError(f"{where}: recovery.observer {obs!r}: use one of {', '.join(OBSERVERS)}")
+        return cls(bc, None if sq is None else float(sq), eq, None if ada is None else float(ada), obs)
 
 
 MIXED_SMOOTHQUANT_ALPHA = 0.8

@@ -237,3 +237,84 @@ def test_network_outputs_and_logits_are_not_clipped():
     assert unclipped_tensors(m) == {"prob", "feat", "r", "logits"}  # followed back through the Reshape
     m.graph.node[2].op_type = "Sigmoid"  # not a softmax: only the outputs keep their range
     assert unclipped_tensors(m) == {"prob", "feat"}
+
+
+# -- auto: one observer per tensor ------------------------------------------------------------------
+
+
+def _stats_3d(x: np.ndarray) -> TensorStats:
+    s = TensorStats()
+    s.update(x, M)
+    s.observe_last_axis(x)
+    s.samples += 1
+    return s
+
+
+def test_auto_keeps_outlier_channels_and_clips_sparse_spikes():
+    from calibration.observers import auto_observer
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (1, 64, 32))
+    x[..., 5] *= 40.0  # one systematic outlier channel (transformer residual stream)
+    st = _stats_3d(x)
+    assert auto_observer(st) == ("minmax", "outlier channels")
+    assert reduce_range(st, "auto") == reduce_range(st, "minmax")
+    y = rng.normal(0, 1, (1, 256, 64))
+    y[0, 17, 3] = 60.0  # one isolated spike, no channel structure
+    sp = _stats_3d(y)
+    assert auto_observer(sp) == ("percentile", "heavy tail")
+    lo, hi = reduce_range(sp, "auto")
+    assert hi < 10.0 and (lo, hi) == reduce_range(sp, "percentile")  # the spike is clipped
+    z = _stats_3d(rng.normal(0, 1, (1, 256, 64)))
+    assert auto_observer(z)[0] == "minmax"  # light tail: nothing worth clipping
+
+
+def test_auto_follows_the_producer_for_bounded_activations():
+    from calibration.observers import auto_observer
+
+    rng = np.random.default_rng(1)
+    relu = stats_of(np.maximum(rng.normal(0, 1, (4, 1000)), 0))
+    assert auto_observer(relu, "Relu") == ("entropy", "non-negative")
+    assert auto_observer(relu, "Clip") == ("minmax", "bounded activation")
+    spiky = rng.normal(0, 1, (4, 50_000))
+    spiky[0, :3] = 50.0  # a few isolated spikes: far above the 99.99th percentile
+    signed = stats_of(spiky)
+    assert auto_observer(signed, "Conv") == ("percentile", "heavy tail")
+    assert auto_observer(signed, "Add", residual_stream=True) == ("minmax", "residual stream")
+
+
+def test_auto_per_tensor_in_a_plan(tmp_path):
+    """A recipe that says auto: the plan records how many tensors got each observer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from calibration.dataset import CalibrationSet
+    from deployer.pipeline import DeployOptions, Inputs, compute_statistics, make_plan
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 0.3, (16, 16)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                           helper.make_node("Relu", ["h"], ["r"], name="relu"),
+                           helper.make_node("MatMul", ["r", "w"], ["y"], name="mm2")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
+                          [numpy_helper.from_array(w, "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    samples = []
+    for _ in range(8):
+        x = rng.normal(0, 1, (1, 8, 16)).astype(np.float32)
+        x[..., 2] *= 30.0
+        samples.append({"x": x})
+    cal = CalibrationSet(samples)
+    inputs = Inputs(m, cal, cal, "generic", "test", "same")
+    stats = compute_statistics(inputs, DeployOptions(no_cache=True))
+    recipe = tmp_path / "auto.json"
+    recipe.write_text('{"base": "int8", "recovery": {"observer": "auto"}}')
+    plan = make_plan(inputs, stats, DeployOptions(recipe=str(recipe)))
+    assert plan.calibration["observer"] == "auto"
+    chosen = plan.calibration["observer_params"]["chosen"]
+    assert chosen.get("entropy") == 1 and sum(chosen.values()) == len(plan.ranges)  # the Relu output
+    mm = make_plan(inputs, stats, DeployOptions(observer="minmax", recipe="int8"))
+    assert plan.ranges["x"] == mm.ranges["x"]  # outlier channel: min/max kept
+    assert plan.ranges["y"] == mm.ranges["y"]  # network output: min/max kept
+    assert plan.ranges["r"].max <= mm.ranges["r"].max
