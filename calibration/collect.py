@@ -197,6 +197,7 @@ def collect_statistics(
     chan_count: dict[str, int] = {}
     last_max: dict[str, np.ndarray] = {}
     last_abs: dict[str, np.ndarray] = {}
+    shapes_seen = Statistics()
     last_rows: dict[str, int] = {}
     subsets: dict[int, np.ndarray | slice] = {}
     total = len(samples) if hasattr(samples, "__len__") else 0  # type: ignore[arg-type]
@@ -277,6 +278,8 @@ def collect_statistics(
         try:
             for idx, s in enumerate(samples):
                 _check_finite(s, idx)
+                for name, arr in s.items():
+                    shapes_seen.observe_input_shape(name, tuple(int(d) for d in np.shape(arr)))
                 try:
                     outs = sess.run(fetch, s)
                 except Exception as e:  # onnxruntime's errors: the model cannot run on this sample
@@ -299,7 +302,8 @@ def collect_statistics(
         tensors[n].last_axis_absmax = [float(x) for x in a]
         tensors[n].last_axis_abssum = [float(x) for x in last_abs[n]]
         tensors[n].last_axis_rows = last_rows[n]
-    stats = Statistics(settings={"ema_momentum": ema_momentum, "ema_batch": ema_batch})
+    stats = Statistics(settings={"ema_momentum": ema_momentum, "ema_batch": ema_batch},
+                       input_shapes=shapes_seen.input_shapes)
     stats.tensors = tensors
     _warn_degenerate(stats, input_names)
     return stats

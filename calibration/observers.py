@@ -271,17 +271,36 @@ class TensorStats:
 
 @dataclass
 class Statistics:
-    """Statistics of every observed tensor, plus the settings they were collected with."""
+    """Statistics of every observed tensor, plus the settings they were collected with.
+
+    ``input_shapes``: graph input -> ``{"min": [...], "max": [...]}``, the smallest and largest size of each
+    axis over the calibration samples (dynamic shapes: what a backend's static shape or profile must
+    cover).
+    """
 
     tensors: dict[str, TensorStats] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    input_shapes: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+
+    def observe_input_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """Widen ``input_shapes[name]`` to include ``shape`` (a rank change keeps the first rank)."""
+        seen = self.input_shapes.get(name)
+        if seen is None:
+            self.input_shapes[name] = {"min": list(shape), "max": list(shape)}
+        elif len(seen["min"]) == len(shape):
+            seen["min"] = [min(a, b) for a, b in zip(seen["min"], shape)]
+            seen["max"] = [max(a, b) for a, b in zip(seen["max"], shape)]
 
     def merge(self, other: "Statistics") -> "Statistics":
         """Combine two shards, ``other`` after ``self``: equal to one pass over both.
 
         For the EMA this holds when the shards were cut at a batch boundary.
         """
-        out = Statistics(settings=dict(self.settings))
+        out = Statistics(settings=dict(self.settings),
+                         input_shapes={k: {"min": list(v["min"]), "max": list(v["max"])} for k, v in self.input_shapes.items()})
+        for name, seen in other.input_shapes.items():
+            out.observe_input_shape(name, tuple(seen["min"]))
+            out.observe_input_shape(name, tuple(seen["max"]))
         m = float(self.settings.get("ema_momentum", DEFAULT_EMA_MOMENTUM))
         for name in sorted(set(self.tensors) | set(other.tensors)):
             a, b = self.tensors.get(name), other.tensors.get(name)
@@ -297,7 +316,7 @@ class Statistics:
 
     def save(self, path: str | Path) -> None:
         """Write compact JSON (histogram counts zlib + base64; never pickle)."""
-        data = {"format": STATS_FORMAT, "settings": self.settings,
+        data = {"format": STATS_FORMAT, "settings": self.settings, "input_shapes": self.input_shapes,
                 "tensors": {k: v.to_dict() for k, v in sorted(self.tensors.items())}}
         Path(path).write_text(json.dumps(data, sort_keys=True, separators=(",", ":")), encoding="utf-8")
 
@@ -306,7 +325,9 @@ class Statistics:
         """Read what :meth:`save` wrote (also the format-1 files without histograms)."""
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
-            return cls({k: TensorStats.from_dict(v) for k, v in data["tensors"].items()}, data.get("settings", {}))
+            return cls({k: TensorStats.from_dict(v) for k, v in data["tensors"].items()}, data.get("settings", {}),
+                       {str(k): {"min": [int(x) for x in v["min"]], "max": [int(x) for x in v["max"]]}
+                        for k, v in data.get("input_shapes", {}).items()})
         except (ValueError, KeyError, TypeError) as e:
             raise BadInputError(f"statistics file {path} is not valid ({e}); delete it and recalibrate") from None
 

@@ -226,10 +226,6 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
                             f"name or a torch.nn.Module")
     if calib is None:
         raise BadInputError("a user model needs calibration data; pass --calib DIR (.npy/.npz samples keyed by input name)")
-    specs = input_specs(ref)
-    dynamic = [s.name for s in specs if any(d is None for d in s.shape)]
-    if dynamic:
-        raise BadInputError(f"model input(s) {dynamic} have dynamic dimensions; export with static shapes")
     cal = _user_calibration(calib, ref)
     check_runnable(ref, source)
     n = len(cal)
@@ -388,6 +384,7 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
                "outputs": [o.name for o in inputs.reference.graph.output],
                "opset": max(i.version for i in inputs.reference.opset_import if i.domain in ("", "ai.onnx"))},
         calibration={"sha256": inputs.calibration.sha256(), "num_samples": len(inputs.calibration),
+                     **({"input_shapes": stats.input_shapes} if _has_symbolic_dims(inputs.reference) else {}),
                      "name": inputs.calibration.name, "observer": options.observer,
                      "observer_params": {"ema_momentum": options.ema_momentum} if options.observer == "ema"
                      else {"chosen": dict(sorted(chosen.items()))} if chosen else {}},
@@ -419,6 +416,10 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
     if recovery:
         plan = plan.with_nodes(plan.nodes, {**plan.recipe, "recovery": recovery})
     return plan
+
+
+def _has_symbolic_dims(model: onnx.ModelProto) -> bool:
+    return any(any(s is None for s in spec.shape) for spec in input_specs(model))
 
 
 def _residual_stream(model: onnx.ModelProto) -> set[str]:
@@ -638,10 +639,20 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
             results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
             for gate in results[t].extra.get("gates", {}).values():
                 gate["enforced"] = bool(opts.enforce_gates)  # reported always; exit 1 only when enforced
-            if target_plan is not the_plan:
+            if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference):
+                seen = the_plan.calibration.get("input_shapes", {})
+                results[t].notes.append(
+                    f"symbolic input dims stay dynamic in the artifact ({t} resizes per input; calibration shapes "
+                    f"seen: {'; '.join(f'{n}: {v}' for n, v in seen.items())})"
+                    + ("; --input-shapes is not used by this target" if opts.backend_options.get("input_shapes") else ""))
+            if the_plan.smoothing and not target_plan.smoothing:
                 results[t].notes.append(f"the plan's SmoothQuant factors ({len(the_plan.smoothing)} tensors) are not "
                                         f"applied on {t}: its per-tensor MatMul/Gemm weights cannot absorb the "
                                         f"migrated outliers")
+            dropped = sorted(set(the_plan.rounding) - set(target_plan.rounding))
+            if dropped:
+                results[t].notes.append(f"AdaRound bits of {len(dropped)} node(s) not applied on {t} (its weights there "
+                                        f"are per-tensor or on another grid; round to nearest): {dropped[:5]}")
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
         if plan_warning:
             report["warnings"] = [plan_warning]

@@ -91,3 +91,53 @@ def check_input_names(model: "onnx.ModelProto", given: Mapping[str, object] | No
     if unknown:
         raise BadInputError(f"--input-shapes names {sorted(unknown)}, not inputs of the model ({', '.join(names)})")
     return names
+
+
+def resolve_input_shapes(model: "onnx.ModelProto", given: Mapping[str, ShapeRange] | None,
+                         seen: Mapping[str, Mapping[str, Sequence[int]]] | None = None
+                         ) -> tuple[dict[str, ShapeRange], dict[str, str]]:
+    """Every graph input's shape range, and where each came from.
+
+    Order: ``--input-shapes`` (``given``); else the model's static dims; else, for an input with
+    symbolic dims, the calibration shapes seen (``plan.calibration["input_shapes"]``: per-axis min and
+    max over the calibration samples), as min / opt = max / max.
+
+    Returns:
+        (name -> :class:`ShapeRange`, name -> source: ``"--input-shapes"``, ``"static"`` or
+        ``"calibration shapes seen"``).
+
+    Raises:
+        BadInputError: ``given`` names a non-input; an input with symbolic dims has neither.
+    """
+    given = dict(given or {})
+    check_input_names(model, given)
+    inits = {i.name for i in model.graph.initializer}
+    shapes: dict[str, ShapeRange] = {}
+    source: dict[str, str] = {}
+    for i in model.graph.input:
+        if i.name in inits:
+            continue
+        if i.name in given:
+            shapes[i.name], source[i.name] = given[i.name], "--input-shapes"
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in i.type.tensor_type.shape.dim]
+        if all(d > 0 for d in dims):
+            shapes[i.name], source[i.name] = ShapeRange(tuple(dims), tuple(dims), tuple(dims)), "static"
+            continue
+        s = (seen or {}).get(i.name)
+        if s is None or len(s["min"]) != len(dims):
+            raise BadInputError(f"input {i.name!r} has symbolic dimensions and no calibration shapes were recorded; "
+                                f"pass --input-shapes {i.name}:SHAPE or {i.name}:MIN/OPT/MAX")
+        lo = tuple(int(d) if d > 0 else int(a) for d, a in zip(dims, s["min"]))
+        hi = tuple(int(d) if d > 0 else int(b) for d, b in zip(dims, s["max"]))
+        shapes[i.name], source[i.name] = ShapeRange(lo, hi, hi), "calibration shapes seen"
+    return shapes, source
+
+
+def describe_shapes(shapes: Mapping[str, ShapeRange], source: Mapping[str, str]) -> str:
+    """One line for a report note, e.g. ``input_ids: 1x4/1x40/1x40 (calibration shapes seen)``."""
+    def x(s: tuple[int, ...]) -> str:
+        return "x".join(str(d) for d in s)
+
+    return "; ".join(f"{n}: {x(r.min) if r.static else '/'.join(x(s) for s in (r.min, r.opt, r.max))} "
+                     f"({source.get(n, '?')})" for n, r in shapes.items())

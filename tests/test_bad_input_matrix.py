@@ -204,16 +204,6 @@ def test_model_without_inputs(tmp_path: Path, calib_dir: Path, capsys) -> None:
     assert_bad_input(plan_args(p, calib_dir, out), capsys, out, "no inputs")
 
 
-def test_model_dynamic_dims_without_shapes(tmp_path: Path, calib_dir: Path, capsys) -> None:
-    m = tiny_model()
-    d = m.graph.input[0].type.tensor_type.shape.dim[0]
-    d.ClearField("dim_value")
-    d.dim_param = "batch"
-    p = save(m, tmp_path / "dynamic.onnx")
-    out = tmp_path / "out"
-    assert_bad_input(deploy_args(p, calib_dir, out), capsys, out, f"'{INPUT}'", "dynamic")
-
-
 # -- calibration data -----------------------------------------------------------------------------
 
 

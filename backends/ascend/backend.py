@@ -35,7 +35,7 @@ from deployer.findings import Finding
 from deployer.graph import GraphView
 from deployer.plan import Precision, QuantPlan
 from deployer.qdq import QdqPolicy, lower_qdq
-from deployer.shapes import ShapeRange, check_input_names
+from deployer.shapes import ShapeRange, describe_shapes, resolve_input_shapes
 
 __all__ = ["ASCEND_OPSET", "DEFAULT_SOC_VERSION", "SOC_VERSIONS", "POLICY", "AscendBackend", "atc_argv",
            "mask_tensors", "to_opset"]
@@ -140,28 +140,15 @@ def to_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, str]:
         return model, f"kept opset {current} (within ATC's 11-18): not expressible at opset {opset}: {first}"
 
 
-def input_shapes(model: onnx.ModelProto, given: dict[str, ShapeRange] | None) -> dict[str, ShapeRange]:
-    """Every graph input's shape: ``--input-shapes`` where given, else the model's static dims.
+def input_shapes(model: onnx.ModelProto, given: dict[str, ShapeRange] | None,
+                 seen: dict[str, Any] | None = None) -> dict[str, ShapeRange]:
+    """Every graph input's shape: ``--input-shapes`` where given, else the model's static dims, else the
+    calibration shapes seen (:func:`deployer.shapes.resolve_input_shapes`).
 
     Raises:
-        BadInputError: an input named in ``given`` is not in the model; a symbolic dim not given.
+        BadInputError: an input named in ``given`` is not in the model; a symbolic dim with neither.
     """
-    given = dict(given or {})
-    inits = {i.name for i in model.graph.initializer}
-    check_input_names(model, given)
-    out: dict[str, ShapeRange] = {}
-    for i in model.graph.input:
-        if i.name in inits:
-            continue
-        if i.name in given:
-            out[i.name] = given[i.name]
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in i.type.tensor_type.shape.dim]
-        if any(d <= 0 for d in dims):
-            raise BadInputError(f"input {i.name!r} has symbolic dimensions; pass --input-shapes {i.name}:SHAPE "
-                                f"or {i.name}:MIN/OPT/MAX for atc")
-        out[i.name] = ShapeRange(tuple(dims), tuple(dims), tuple(dims))
-    return out
+    return resolve_input_shapes(model, given, seen)[0]
 
 
 def precision_files(plan: QuantPlan, node_types: dict[str, str], precision_mode: str
@@ -214,7 +201,8 @@ class AscendBackend:
         opts = ctx.options
         soc = validate_soc(opts.get("soc_version") or DEFAULT_SOC_VERSION)
         mode = opts.get("precision_mode") or DEFAULT_PRECISION_MODE
-        shapes = input_shapes(ctx.reference, opts.get("input_shapes"))
+        shapes, shape_source = resolve_input_shapes(ctx.reference, opts.get("input_shapes"),
+                                                    ctx.plan.calibration.get("input_shapes"))
         model, record = lower_qdq(ctx.reference, ctx.plan, _policy_for(ctx.plan))
         model, opset_note = to_opset(model, ASCEND_OPSET)
         findings = check_model(model)
@@ -260,6 +248,8 @@ class AscendBackend:
         files.insert(0, script)
         if opset_note:
             notes.insert(0, opset_note)
+        if any(v != "static" for v in shape_source.values()):
+            notes.append("input shapes for atc: " + describe_shapes(shapes, shape_source))
         om = None
         vendor_step: dict[str, Any] = {"tool": "atc", "status": "not run", "command": shlex.join(argv)}
         if shutil.which("atc"):

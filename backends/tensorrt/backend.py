@@ -14,6 +14,8 @@ Without TensorRT (these machines) the graph is verified in ONNX Runtime and the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import shlex
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ from deployer.graph import GraphView, weight_channel_axis
 from deployer.plan import QuantPlan
 from deployer.qdq import LoweringRecord, QdqPolicy, lower_qdq
 from deployer.recipe import PRESETS, decide
-from deployer.shapes import check_input_names
+from deployer.shapes import describe_shapes, resolve_input_shapes
 
 TRT_OPSET = 17
 
@@ -129,7 +131,11 @@ class TensorRTBackend:
         fp32_path = d / "model_fp32.onnx"
         onnx.save(ctx.fp32, str(fp32_path))
         options = EngineOptions.from_backend_options(ctx.options, d / "timing.cache")
-        check_input_names(ctx.reference, options.input_shapes)
+        shapes, shape_source = resolve_input_shapes(ctx.reference, options.input_shapes,
+                                                    ctx.plan.calibration.get("input_shapes"))
+        profile = {n: r for n, r in shapes.items() if shape_source[n] != "static"}
+        if profile:  # the optimization profile: what --input-shapes gave, or the calibration shapes seen
+            options = dataclasses.replace(options, input_shapes=profile)
         engine_name = "model.engine"
         argv = trtexec_argv(path.name, engine_name, options)
         poly = polygraphy_convert_argv(path.name, engine_name, options)
@@ -141,6 +147,8 @@ class TensorRTBackend:
         script.chmod(0o755)
         findings = check_model(model)
         notes = []
+        if profile:
+            notes.append("optimization profile: " + describe_shapes(profile, shape_source))
         errors = [f for f in findings if f.severity == "error"]
         if errors:
             notes.append(f"checker: {len(errors)} TensorRT rule violation(s) in the lowered graph: {errors[0]}")

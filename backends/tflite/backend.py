@@ -228,6 +228,10 @@ def measure_latency(path: Path, sample: list[np.ndarray] | None, runs: int) -> f
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_path=str(path), num_threads=1)
+    if sample is not None:  # dynamic dims (shape_signature -1): time the sample's own shape
+        for d, x in zip(it.get_input_details(), sample):
+            if tuple(d["shape"]) != np.shape(x):
+                it.resize_tensor_input(d["index"], list(np.shape(x)))
     it.allocate_tensors()
     for i, d in enumerate(it.get_input_details()):
         x = sample[i] if sample is not None and i < len(sample) else np.zeros(d["shape"], np.float32)
@@ -288,8 +292,13 @@ def tflite_runner(path: Path, reference: onnx.ModelProto, layout: str) -> Any:
         outs = it.get_output_details()
         results = []
         for s in samples:
-            for d, name in zip(ins, in_names):
-                x = to_layout(name, s[name])
+            xs = [to_layout(name, s[name]) for name in in_names]
+            if any(tuple(it.get_input_details()[k]["shape"]) != x.shape for k, x in enumerate(xs)):
+                # dynamic dims (shape_signature -1): resize to this sample, as LiteRT documents
+                for d, x in zip(ins, xs):
+                    it.resize_tensor_input(d["index"], list(x.shape))
+                it.allocate_tensors()
+            for d, x in zip(ins, xs):
                 if _quantized(d) and x.dtype.kind == "f":
                     scale, zp = d["quantization"]
                     info = np.iinfo(d["dtype"])

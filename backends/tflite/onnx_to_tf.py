@@ -105,7 +105,10 @@ class OnnxToTf:
         tf = self.tf
         specs = []
         for vi in self.inputs:
-            shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            # symbolic dims stay dynamic (None): the .tflite's shape_signature has -1 there and the
+            # interpreter resizes per sample
+            shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+                     for d in vi.type.tensor_type.shape.dim]
             dtype = onnx.helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)
             if len(shape) == 4 and self.layout == "nhwc":
                 shape = [shape[0], shape[2], shape[3], shape[1]]
@@ -242,10 +245,15 @@ class OnnxToTf:
             if op == "Flatten":
                 axis = at.get("axis", 1)
                 shape = xv.shape
-                lead = int(np.prod(shape[:axis])) if axis else 1
-                return [_T(tf.reshape(xv, [lead, -1], name=self._name))]
+                if any(d is None for d in shape[:axis]):  # symbolic leading dims: computed at run time
+                    lead: Any = tf.reduce_prod(tf.shape(xv)[:axis])
+                else:
+                    lead = int(np.prod(shape[:axis])) if axis else 1
+                return [_T(tf.reshape(xv, tf.stack([lead, -1]) if not isinstance(lead, int) else [lead, -1],
+                                      name=self._name))]
             target = [int(v) for v in self.consts[node.input[1]]]
-            target = [xv.shape[i] if (v == 0 and not at.get("allowzero", 0)) else v for i, v in enumerate(target)]
+            target = [(xv.shape[i] if xv.shape[i] is not None else tf.shape(xv)[i])
+                      if (v == 0 and not at.get("allowzero", 0)) else v for i, v in enumerate(target)]
             return [_T(tf.reshape(xv, target, name=self._name))]
         if op == "Transpose":
             x = self._get(env, node.input[0])
@@ -420,10 +428,11 @@ class OnnxToTf:
     def _padding(self, xv: Any, k: list[int], s: list[int], d: list[int], pads: list[int], fill: float,
                  count_include_pad: bool = True, op: str = "Conv") -> tuple[Any, str]:
         tf = self.tf
-        hw = (int(xv.shape[1]), int(xv.shape[2]))
         if not any(pads):
             return xv, "VALID"
-        if list(pads) == _same_pads(hw, k, s, d) and (op != "AveragePool" or not count_include_pad):
+        dynamic = xv.shape[1] is None or xv.shape[2] is None  # symbolic H/W: explicit padding is always right
+        if not dynamic and list(pads) == _same_pads((int(xv.shape[1]), int(xv.shape[2])), k, s, d) and (
+                op != "AveragePool" or not count_include_pad):
             return xv, "SAME"
         top, left, bottom, right = pads
         if op == "AveragePool" and not count_include_pad:
