@@ -45,8 +45,13 @@ def fidelity(ref_outputs: list[list[np.ndarray]], outputs: list[list[np.ndarray]
             ``generic`` (SQNR only).
     """
     res: dict[str, object] = {}
-    stacked_ref = [np.concatenate([r[i] for r in ref_outputs]) for i in range(len(output_names))]
-    stacked = [np.concatenate([o[i] for o in outputs]) for i in range(len(output_names))]
+    def stack(rows: list[np.ndarray]) -> np.ndarray:
+        # outputs of different shapes (dynamic sequence length): one flat vector per sample
+        same = len({np.shape(r)[1:] for r in rows}) <= 1
+        return np.concatenate(rows) if same else np.concatenate([np.ravel(r)[None] for r in rows], axis=1)
+
+    stacked_ref = [stack([r[i] for r in ref_outputs]) for i in range(len(output_names))]
+    stacked = [stack([o[i] for o in outputs]) for i in range(len(output_names))]
     if task == "classification":
         res["top1_agreement"] = round(top1_agreement(stacked_ref[0], stacked[0]), 6)
     elif task == "embedding":

@@ -85,3 +85,14 @@ def test_resolve_prefers_given_then_static_then_seen() -> None:
     assert shapes["x"].static and src == {"x": "--input-shapes"}
     with pytest.raises(BadInputError, match="--input-shapes x:SHAPE"):
         resolve_input_shapes(m, None, None)  # a plan from before shapes were recorded
+
+
+def test_metrics_on_outputs_of_different_lengths() -> None:
+    """Per-token outputs of a dynamic-sequence model cannot be stacked; SQNR runs over all values."""
+    from deployer.verify import fidelity
+
+    rng = np.random.default_rng(2)
+    ref = [[rng.normal(size=(1, n, 4)).astype(np.float32)] for n in (3, 5, 7)]
+    got = [[r[0] + 0.01] for r in ref]
+    res = fidelity(ref, got, ["h"], "generic")
+    assert res["samples"] == 3 and 30 < res["sqnr_db"]["h"] < 45
