@@ -13,8 +13,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from backends.base import LoweringContext, discover, onnx_runner
-from backends.onnxruntime.backend import (POLICY, REDUCED_WEIGHT_QMAX, OnnxRuntimeBackend, dynamic_exclusions,
-                                          lower_dynamic, op_counts, static_policy, throughput_grid)
+from backends.onnxruntime.backend import (POLICY, REDUCED_WEIGHT_QMAX, OnnxRuntimeBackend, artifact_name,
+                                          dynamic_exclusions, lower_dynamic, lower_int4, op_counts, static_policy,
+                                          throughput_grid)
 from backends.onnxruntime.throughput import Setting, batchable, with_dynamic_batch
 from calibration.collect import collect_statistics
 from calibration.dataset import CalibrationSet
@@ -195,6 +196,23 @@ def test_dynamic_honours_plan_fp32_nodes(tmp_path: Path) -> None:
     assert any(n.op_type == "MatMul" and n.name == "fc2" for n in q.graph.node)
 
 
+def test_quantizer_logs_stay_off_the_console(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """ONNX Runtime's quantizer logs INFO lines (and MatMulNBits' module calls logging.basicConfig(INFO)
+    on import): none reach stderr, and the root logger is left as it was."""
+    import logging
+
+    m, _, _, plan = setup("mlp")
+    _, _, _, plan4 = setup("mlp", recipe="int4")
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    lower_dynamic(m, plan, tmp_path)
+    _, entry = lower_int4(m, plan4)
+    assert entry["nodes_int4"] == 2
+    err = capfd.readouterr().err
+    assert "INFO" not in err and "pre-process" not in err, err
+    assert (root.level, list(root.handlers)) == before
+
+
 # -- backend, throughput, CLI ----------------------------------------------------------------------
 
 
@@ -205,6 +223,7 @@ def test_backend_lower_and_throughput(tmp_path: Path, mode: str) -> None:
     art = OnnxRuntimeBackend().lower(ctx)
     assert art.path.name == f"model_int8_{mode}.onnx" and art.path.exists()
     assert (tmp_path / "onnxruntime" / "model_int8_optimized.onnx").exists()
+    assert artifact_name(plan, mode) == (f"model_int8_{mode}.onnx", "model_int8_optimized.onnx")
     assert art.extra["mode"] == mode and "cpu" in art.extra
     assert art.run is not None and art.throughput is not None
     out = np.concatenate([o[0] for o in art.run(list(held))])
@@ -212,6 +231,19 @@ def test_backend_lower_and_throughput(tmp_path: Path, mode: str) -> None:
     tp = art.throughput(list(held))
     assert tp["fp32"] > 0 and tp["artifact"] > 0 and tp["setting"] == {"batch": 1, "threads": 1}
     assert {(r["batch"], r["threads"]) for r in tp["grid"]} == {(1, 1), (1, 2), (8, 1), (8, 2)}
+
+
+def test_int4_artifact_is_named_for_what_it_holds(tmp_path: Path) -> None:
+    m, cal, _, plan = setup("mlp")
+    _, _, _, plan4 = setup("mlp", recipe="int4")
+    art = OnnxRuntimeBackend().lower(LoweringContext(m, plan4, tmp_path, cal, {"ort_throughput": False}))
+    assert art.path.name == "model_int4_weight_only.onnx" and art.path.exists()
+    assert (tmp_path / "onnxruntime" / "model_int4_weight_only_optimized.onnx").exists()
+    assert not list((tmp_path / "onnxruntime").glob("model_int8*"))
+    _, _, _, fp16 = setup("mlp", recipe="fp16")
+    assert artifact_name(fp16, "static")[0] == "model_float.onnx"
+    both = plan4.with_nodes({**plan4.nodes, "fc1": plan.nodes["fc1"]}, plan4.recipe)
+    assert artifact_name(both, "dynamic")[0] == "model_int8_int4w_dynamic.onnx"
 
 
 def test_bad_mode(tmp_path: Path) -> None:

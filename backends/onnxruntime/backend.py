@@ -34,17 +34,24 @@ Graph optimizations (``SessionOptions.graph_optimization_level``; ONNX Runtime d
   execution provider.
 - ``extended``: provider-specific fusions on the CPU provider: QDQ groups into QLinear*/integer kernels,
   Conv+activation, MatMul+Add, GELU, LayerNorm, Attention. The result is written offline as
-  ``model_int8_optimized.onnx`` (portable across x86 CPUs, tied to this ONNX Runtime version; it loads
-  without re-running the fusions).
+  ``model_<kind>_optimized.onnx`` beside the artifact (portable across x86 CPUs, tied to this ONNX
+  Runtime version; it loads without re-running the fusions).
 - ``all`` (the default at run time): plus layout optimizations (NCHWc blocked convolutions) chosen for
   the CPU it runs on; never saved offline, since ONNX Runtime documents such models as tied to the
   hardware they were optimized on.
+
+Artifact names (:func:`artifact_name`) say what the file holds: ``model_int8_static.onnx`` /
+``model_int8_dynamic.onnx``; ``model_int4_weight_only.onnx`` (``--recipe int4``: MatMulNBits, float
+activations, nothing in INT8); ``model_int8_int4w_<mode>.onnx`` (a rules file mixing both);
+``model_float.onnx`` (a plan without INT8 or INT4 nodes, e.g. ``--recipe fp16``: all FP32 here).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +130,53 @@ def cpu_features() -> dict[str, Any]:
             "AVX2/AVX-512 u8s8 via vpmaddubsw (int16 saturation: needs reduce_range)"}
 
 
+class _QuantizerNoise(logging.Filter):
+    """Drops ONNX Runtime quantizer records below WARNING and its generic advice to pre-process the model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "pre-process" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_quantizer_logs() -> Iterator[None]:
+    """Keep ONNX Runtime's Python quantizer off the console while it runs.
+
+    It logs through the root logger (``logging.info`` per tensor in ``quantize_dynamic``; ``logger.info``
+    per node in ``MatMulNBitsQuantizer``, whose module even calls ``logging.basicConfig(level=INFO)``
+    when first imported). Inside the block a filter on the root logger drops records below WARNING and
+    the generic advice to pre-process the model, and the ``onnxruntime`` loggers are set to WARNING;
+    afterwards the root logger's level and handlers are restored (undoing that ``basicConfig``).
+    Warnings and errors still print.
+    """
+    root, ort_logger = logging.getLogger(), logging.getLogger("onnxruntime")
+    root_level, ort_level, handlers = root.level, ort_logger.level, list(root.handlers)
+    noise = _QuantizerNoise()
+    root.addFilter(noise)
+    ort_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        root.removeFilter(noise)
+        for h in list(root.handlers):
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(root_level)
+        ort_logger.setLevel(ort_level)
+
+
+def artifact_name(plan: QuantPlan, mode: str) -> tuple[str, str]:
+    """File names of the artifact and of its offline-optimized graph, saying what the artifact holds.
+
+    INT8 nodes (QDQ static or dynamic): ``model_int8_<mode>.onnx``; only weight-only INT4:
+    ``model_int4_weight_only.onnx``; both: ``model_int8_int4w_<mode>.onnx``; neither:
+    ``model_float.onnx``. The optimized graph: ``model_<kind>_optimized.onnx`` (without the mode).
+    """
+    int8 = any(d.precision == Precision.INT8 for d in plan.nodes.values())
+    int4 = bool(int4_nodes(plan))
+    kind = ("int8_int4w" if int4 else "int8") if int8 else ("int4_weight_only" if int4 else "float")
+    return (f"model_{kind}_{mode}.onnx" if int8 else f"model_{kind}.onnx"), f"model_{kind}_optimized.onnx"
+
+
 def dynamic_exclusions(model: onnx.ModelProto, plan: QuantPlan) -> list[str]:
     """Node names ``quantize_dynamic`` must leave in FP32: every node the plan does not make INT8."""
     return sorted(n.name for n in model.graph.node if plan.precision_of(n.name) != Precision.INT8)
@@ -154,10 +208,11 @@ def lower_dynamic(model: onnx.ModelProto, plan: QuantPlan, work: Path, kernels: 
     src, dst = work / "_dynamic_input.onnx", work / "_dynamic_output.onnx"
     onnx.save(model, str(src))
     try:
-        quantize_dynamic(str(src), str(dst), per_channel=per_channel,
-                         reduce_range=reduce_range and kernels == "u8s8",
-                         weight_type=QuantType.QUInt8 if kernels == "u8u8" else QuantType.QInt8,
-                         nodes_to_exclude=dynamic_exclusions(model, plan))
+        with quiet_quantizer_logs():
+            quantize_dynamic(str(src), str(dst), per_channel=per_channel,
+                             reduce_range=reduce_range and kernels == "u8s8",
+                             weight_type=QuantType.QUInt8 if kernels == "u8u8" else QuantType.QInt8,
+                             nodes_to_exclude=dynamic_exclusions(model, plan))
         out = onnx.load(str(dst))
     except Exception as e:
         raise ExternalToolError(f"onnxruntime quantize_dynamic failed: {type(e).__name__}: {e}") from None
@@ -206,14 +261,15 @@ def lower_int4(model: onnx.ModelProto, plan: QuantPlan) -> tuple[onnx.ModelProto
     Returns:
         (model, report entry: nodes asked for, nodes converted, block size).
     """
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     names = int4_nodes(plan)
     blocks = [w.block_size for n in names if (w := plan.nodes[n].weight) is not None and w.block_size]
     block = int(min(blocks)) if blocks else 32
     prepared = gemm_to_matmul(model, names)
-    q = MatMulNBitsQuantizer(prepared, bits=4, block_size=block, is_symmetric=True, nodes_to_include=names)
-    q.process()
+    with quiet_quantizer_logs():
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+        q = MatMulNBitsQuantizer(prepared, bits=4, block_size=block, is_symmetric=True, nodes_to_include=names)
+        q.process()
     out = q.model.model
     converted = sorted(n.name for n in out.graph.node if n.op_type == "MatMulNBits")
     return out, {"format": "MatMulNBits (com.microsoft), symmetric, block-wise", "block_size": block,
@@ -330,11 +386,12 @@ class OnnxRuntimeBackend:
         extra["fp32_islands"] = islands
         extra["kernels"] = kernels
         extra["weight_bits"] = bits
-        path = d / f"model_int8_{mode}.onnx"
+        name, opt_name = artifact_name(ctx.plan, mode)
+        path = d / name
         onnx.save(model, str(path))
         fp32_path = d / "model_fp32.onnx"
         onnx.save(ctx.fp32, str(fp32_path))
-        opt_path = d / "model_int8_optimized.onnx"
+        opt_path = d / opt_name
         seconds = save_optimized(path, opt_path)
         extra["optimized_model"] = {"file": opt_path.name, "level": "extended", "seconds": round(seconds, 3),
                                     "runtime_level": "all", "op_counts": op_counts(onnx.load(str(opt_path)))}
@@ -360,5 +417,5 @@ class OnnxRuntimeBackend:
         )
 
 
-__all__ = ["OnnxRuntimeBackend", "POLICY", "static_policy", "lower_dynamic", "throughput_grid", "cpu_features",
-           "session"]
+__all__ = ["OnnxRuntimeBackend", "POLICY", "artifact_name", "quiet_quantizer_logs", "static_policy", "lower_dynamic",
+           "throughput_grid", "cpu_features", "session"]
