@@ -355,7 +355,7 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
     keep = unclipped_tensors(inputs.reference)  # outputs/logits: min/max under clipping observers
     ranges = {}
     producer = {o: nd.op_type for nd in inputs.reference.graph.node for o in nd.output}
-    stream = _residual_stream(inputs.reference) if options.observer == "auto" else set()
+    auto_keep = _auto_keep(inputs.reference, keep) if options.observer == "auto" else {}
     chosen: dict[str, int] = {}
     for name, st in stats.tensors.items():
         if name in masks:
@@ -364,7 +364,7 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         if name in keep and observer in HISTOGRAM_OBSERVERS + ("auto",):
             observer = "minmax"
         elif observer == "auto":
-            observer, _ = auto_observer(st, producer.get(name), name in stream)
+            observer, _ = auto_observer(st, producer.get(name), auto_keep.get(name))
         if options.observer == "auto":
             chosen[observer] = chosen.get(observer, 0) + 1
         lo, hi = reduce_range(st, observer)
@@ -422,23 +422,34 @@ def _has_symbolic_dims(model: onnx.ModelProto) -> bool:
     return any(any(s is None for s in spec.shape) for spec in input_specs(model))
 
 
-def _residual_stream(model: onnx.ModelProto) -> set[str]:
-    """Inputs and outputs of LayerNorm patterns and outputs of residual Adds before them
-    (:func:`deployer.patterns.find_patterns`): the tensors ``auto`` never clips."""
+def _auto_keep(model: onnx.ModelProto, unclipped: set[str]) -> dict[str, str]:
+    """Tensors ``--observer auto`` keeps at min/max because of where they sit (tensor -> reason):
+    inputs and outputs of LayerNorm patterns and outputs of residual Adds before them
+    (:func:`deployer.patterns.find_patterns`), and the activation input of a weighted layer producing
+    an unclipped tensor (network output, logits)."""
     from deployer.patterns import find_patterns
 
     pats = find_patterns(model)
     by_name = {n.name: n for n in model.graph.node}
-    out: set[str] = set()
+    out: dict[str, str] = {}
     for chain in pats.layernorm:
         first, last = by_name.get(chain[0]), by_name.get(chain[-1])
         if first is not None and first.input:
-            out.add(first.input[0])
+            out[first.input[0]] = "residual stream"
         if last is not None:
-            out.update(last.output)
+            out.update({o: "residual stream" for o in last.output})
     for name in pats.residual_add:
         if name in by_name:
-            out.update(by_name[name].output)
+            out.update({o: "residual stream" for o in by_name[name].output})
+    producer = {o: n for n in model.graph.node for o in n.output}
+    shape_only = ("Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+    for node in model.graph.node:
+        if node.op_type in ("Gemm", "MatMul", "Conv") and node.input and any(o in unclipped for o in node.output):
+            t: str | None = node.input[0]
+            while t is not None:  # the input and the tensors it is a reshaped copy of
+                out.setdefault(t, "classifier input")
+                p = producer.get(t)
+                t = p.input[0] if p is not None and p.op_type in shape_only and p.input else None
     return out
 
 

@@ -280,7 +280,7 @@ def test_auto_follows_the_producer_for_bounded_activations():
     spiky[0, :3] = 50.0  # a few isolated spikes: far above the 99.99th percentile
     signed = stats_of(spiky)
     assert auto_observer(signed, "Conv") == ("percentile", "heavy tail")
-    assert auto_observer(signed, "Add", residual_stream=True) == ("minmax", "residual stream")
+    assert auto_observer(signed, "Add", keep="residual stream") == ("minmax", "residual stream")
 
 
 def test_auto_per_tensor_in_a_plan(tmp_path):
@@ -295,7 +295,8 @@ def test_auto_per_tensor_in_a_plan(tmp_path):
     w = rng.normal(0, 0.3, (16, 16)).astype(np.float32)
     g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
                            helper.make_node("Relu", ["h"], ["r"], name="relu"),
-                           helper.make_node("MatMul", ["r", "w"], ["y"], name="mm2")], "g",
+                           helper.make_node("MatMul", ["r", "w"], ["h2"], name="mm2"),
+                           helper.make_node("MatMul", ["h2", "w"], ["y"], name="head")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 16])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 16])],
                           [numpy_helper.from_array(w, "w")])
@@ -317,4 +318,5 @@ def test_auto_per_tensor_in_a_plan(tmp_path):
     mm = make_plan(inputs, stats, DeployOptions(observer="minmax", recipe="int8"))
     assert plan.ranges["x"] == mm.ranges["x"]  # outlier channel: min/max kept
     assert plan.ranges["y"] == mm.ranges["y"]  # network output: min/max kept
+    assert plan.ranges["h2"] == mm.ranges["h2"]  # the head's input: min/max kept
     assert plan.ranges["r"].max <= mm.ranges["r"].max
