@@ -42,7 +42,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         targets: ``"all"``, ``"tflite,tensorrt"`` or a list of names.
         recipe: ``int8``, ``mixed``, ``fp16`` or a rules file.
         out_dir: output directory (must not exist unless ``overwrite``).
-        observer: ``minmax`` or ``ema``.
+        observer: ``minmax``, ``ema``, ``percentile``, ``entropy``, ``mse`` or ``auto`` (one per tensor,
+            :func:`calibration.observers.auto_observer`).
         plan: an existing plan (path or :class:`deployer.plan.QuantPlan`) to lower instead of calibrating.
         calib_samples / heldout_samples / seed / ema_momentum / no_cache: as the CLI flags.
         bias_correction: add empirical bias correction to the plan (default on).
