@@ -28,6 +28,10 @@ largest logits all become the clip value) and destroys top-1 agreement, whatever
 about the bulk of the distribution.
 - ``mse``: the clipping threshold minimising the expected squared quantization error (rounding plus
   clipping) of the histogram (Banner et al., "ACIQ", 2019; NVIDIA pytorch-quantization ``mse``).
+- ``auto``: one of the above per tensor (:func:`auto_observer`): min/max where clipping is known to hurt
+  (transformer residual streams and outlier channels, bounded activations, the classifier input),
+  entropy on non-negative tensors, percentile on sparse heavy tails. With the graph context the pipeline
+  supplies; ``reduce_range(stats, "auto")`` alone decides from the statistics only.
 """
 
 from __future__ import annotations
