@@ -12,10 +12,13 @@ variants timed in alternation (the machine may be shared). Models are re-exporte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -24,10 +27,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.base import LoweringContext  # noqa: E402
 from backends.onnxruntime.backend import OnnxRuntimeBackend, cpu_features  # noqa: E402
-from backends.onnxruntime.throughput import BENCHMARK_GRID, concat_batcher, measure_pair, session  # noqa: E402
+from backends.onnxruntime.throughput import (BENCHMARK_GRID, Setting, concat_batcher, measure_pair,  # noqa: E402
+                                            session)
 from deployer.model_io import canonicalize  # noqa: E402
+from deployer.plan import QuantPlan  # noqa: E402
 from deployer.pipeline import DeployOptions, Inputs, compute_statistics, make_plan  # noqa: E402
-from deployer.recovery import apply_bias_correction  # noqa: E402
+from deployer.recovery import prepare_for_lowering  # noqa: E402
 from deployer.verify import cosine_mean, top1_agreement  # noqa: E402
 
 
@@ -50,6 +55,39 @@ def text_batcher(samples):
     return {k: v[:, :width] for k, v in b.items()}
 
 
+# deployer variants per model: (label, recipe, smoothquant alpha or None = the recipe's choice, backend options).
+# MiniLM: the default int8 plan, the same with SmoothQuant 0.8, the mixed recipe (attention and the residual
+# Add before each LayerNorm kept float: FP32 islands on this CPU provider) and dynamic quantization, with
+# the default U8U8 kernels and with U8S8 7-bit weights (ort_kernels="u8s8", reduce_range).
+VARIANTS = {
+    "efficientnet-lite0": [("deployer static", "int8", None, {"ort_mode": "static"}),
+                           ("deployer static (stem conv FP32)", "int8+stem-fp32", None, {"ort_mode": "static"}),
+                           ("deployer dynamic", "int8", None, {"ort_mode": "dynamic"})],
+    "minilm": [("deployer static", "int8", None, {"ort_mode": "static"}),
+               ("deployer static +SmoothQuant 0.8", "int8", 0.8, {"ort_mode": "static"}),
+               ("deployer static mixed", "mixed", None, {"ort_mode": "static"}),
+               ("deployer dynamic", "int8", None, {"ort_mode": "dynamic"}),
+               ("deployer dynamic u8s8 7-bit", "int8", None, {"ort_mode": "dynamic", "ort_kernels": "u8s8"})],
+}
+ORT_DEFAULTS = ("ort quantize_static (defaults)", "ort quantize_dynamic (defaults)")
+
+
+def stem_fp32_recipe(model: onnx.ModelProto, work: Path) -> str:
+    """A rules file (``deploy --recipe FILE``): int8, with the first Conv reading a graph input in FP32."""
+    import re
+
+    inputs = {i.name for i in model.graph.input}
+    stem = next(n.name for n in model.graph.node if n.op_type == "Conv" and n.input[0] in inputs)
+    path = work / "stem-fp32.json"
+    path.write_text(json.dumps({"base": "int8", "rules": [
+        {"match": {"name": f"^{re.escape(stem)}$"}, "precision": "fp32", "label": "stem conv in FP32"}]}))
+    return str(path)
+
+
+def loadavg() -> list[float]:
+    return [float(v) for v in open("/proc/loadavg").read().split()[:3]]
+
+
 def load(name: str, n_calib: int, n_held: int):
     if name == "efficientnet-lite0":
         from deployer.examples import efficientnet as ex
@@ -69,7 +107,7 @@ def load(name: str, n_calib: int, n_held: int):
     return data, model, text_batcher
 
 
-def ort_defaults(model: onnx.ModelProto, calib, work: Path) -> dict[str, onnx.ModelProto]:
+def ort_defaults(model: onnx.ModelProto, calib, work: Path, wanted) -> dict[str, tuple[onnx.ModelProto, float]]:
     """ONNX Runtime's quantize_static (QDQ, MinMax, uint8 activations, int8 weights, per-tensor) and
     quantize_dynamic (int8 weights, per-tensor) with their default arguments."""
     from onnxruntime.quantization import CalibrationDataReader, quantize_dynamic, quantize_static
@@ -84,39 +122,63 @@ def ort_defaults(model: onnx.ModelProto, calib, work: Path) -> dict[str, onnx.Mo
     src = work / "fp32.onnx"
     onnx.save(model, str(src))
     out = {}
-    t = time.perf_counter()
-    quantize_static(str(src), str(work / "ort_static.onnx"), Reader())
-    out["ort quantize_static (defaults)"] = (onnx.load(str(work / "ort_static.onnx")), time.perf_counter() - t)
-    t = time.perf_counter()
-    quantize_dynamic(str(src), str(work / "ort_dynamic.onnx"))
-    out["ort quantize_dynamic (defaults)"] = (onnx.load(str(work / "ort_dynamic.onnx")), time.perf_counter() - t)
+    if wanted(ORT_DEFAULTS[0]):
+        t = time.perf_counter()
+        quantize_static(str(src), str(work / "ort_static.onnx"), Reader())
+        out[ORT_DEFAULTS[0]] = (onnx.load(str(work / "ort_static.onnx")), time.perf_counter() - t)
+    if wanted(ORT_DEFAULTS[1]):
+        t = time.perf_counter()
+        quantize_dynamic(str(src), str(work / "ort_dynamic.onnx"))
+        out[ORT_DEFAULTS[1]] = (onnx.load(str(work / "ort_dynamic.onnx")), time.perf_counter() - t)
     return out
 
 
 def run_model(name: str, args, work: Path) -> dict:
     t0 = time.perf_counter()
     data, model, batcher = load(name, args.calib, args.heldout)
-    opts = DeployOptions(calib_samples=args.calib, heldout_samples=args.heldout, no_cache=True)
+    held = list(data.heldout)
+    base = DeployOptions(calib_samples=args.calib, heldout_samples=args.heldout, no_cache=True)
     inputs = Inputs(model, data.calibration, data.heldout, data.task, f"example:{name}", data.split)
-    stats = compute_statistics(inputs, opts)
-    plan = make_plan(inputs, stats, opts)
-    prepared = apply_bias_correction(model, plan.bias_correction)
+    stats = compute_statistics(inputs, base)
     variants: dict[str, tuple[onnx.ModelProto, float]] = {"fp32": (model, 0.0)}
-    for mode in ("static", "dynamic"):
-        d = work / f"{name}-{mode}"
+    def wanted(label: str) -> bool:
+        return not args.only or label in args.only.split(",")
+
+    for label, recipe, alpha, backend_options in VARIANTS[name]:
+        if not wanted(label):
+            continue
+        d = work / label.replace(" ", "_").replace("+", "")
         d.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
-        art = OnnxRuntimeBackend().lower(LoweringContext(prepared, plan, d, data.calibration,
-                                                        {"ort_mode": mode}, fp32_reference=model))
-        variants[f"deployer {mode}"] = (onnx.load(str(art.path)), time.perf_counter() - t)
-    variants.update(ort_defaults(model, data.calibration, work))
-    held = list(data.heldout)
+        if recipe == "int8+stem-fp32":
+            recipe = stem_fp32_recipe(model, work)
+        opts = dataclasses.replace(base, recipe=recipe, smoothquant=alpha)
+        plan = make_plan(inputs, stats, opts)
+        art = OnnxRuntimeBackend().lower(LoweringContext(prepare_for_lowering(model, plan), plan, d, data.calibration,
+                                                        {**backend_options, "ort_throughput": False},
+                                                        fp32_reference=model))
+        variants[label] = (onnx.load(str(art.path)), time.perf_counter() - t)
+        print(name, label, "lowered", flush=True)
+    for spec in args.plan_variant:  # LABEL=PLAN.json: a plan written by `deploy` (same node names) lowered here
+        label, path = spec.split("=", 1)
+        if label.startswith(f"{name}:"):
+            label = label.split(":", 1)[1]
+            plan = QuantPlan.load(path)
+            d = work / "plan-variant"
+            d.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            art = OnnxRuntimeBackend().lower(LoweringContext(prepare_for_lowering(model, plan), plan, d,
+                                                            data.calibration, {"ort_throughput": False},
+                                                            fp32_reference=model))
+            variants[label] = (onnx.load(str(art.path)), time.perf_counter() - t)
+    variants.update(ort_defaults(model, data.calibration, work, wanted))
     rows = {}
     ref = None
     for label, (m, secs) in variants.items():
         sess = session(m, 2)
         names = [o.name for o in sess.get_outputs()]
-        outs = [[np.asarray(v, np.float32) for v in sess.run(names, s)] for s in held]
+        # each held-out sample alone, text trimmed to its own length (what a batch-1 query looks like)
+        outs = [[np.asarray(v, np.float32) for v in sess.run(names, batcher([s]))] for s in held]
         y = np.concatenate([o[0] for o in outs])
         if ref is None:
             ref = y
@@ -131,12 +193,16 @@ def run_model(name: str, args, work: Path) -> dict:
         print(name, label, r, flush=True)
     grid = []
     labels = list(variants)
-    for s in BENCHMARK_GRID:
+    grid_settings = [Setting(*map(int, g.split("x"))) for g in args.grid.split(",")] if args.grid else BENCHMARK_GRID
+    for s in grid_settings:
+        before = loadavg()
         qps = measure_pair([variants[k][0] for k in labels], held, s, args.repeats, args.min_seconds, batcher)
-        row = {"batch": s.batch, "threads": s.threads, **{k: round(q, 2) for k, q in zip(labels, qps)}}
+        row = {"batch": s.batch, "threads": s.threads, **{k: round(q, 2) for k, q in zip(labels, qps)},
+               "load_average_1min": [before[0], loadavg()[0]]}
         grid.append(row)
         print(name, row, flush=True)
-    return {"model": name, "split": data.split, "fidelity": rows, "throughput_qps": grid,
+    return {"model": name, "split": data.split, "heldout": len(held), "calibration": args.calib,
+            "repeats": args.repeats, "min_seconds": args.min_seconds, "fidelity": rows, "throughput_qps": grid,
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -147,16 +213,21 @@ def main() -> int:
     p.add_argument("--heldout", type=int, default=300)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--min-seconds", type=float, default=1.0)
+    p.add_argument("--only", default="", help="comma-separated variant labels (FP32 always; default: all)")
+    p.add_argument("--grid", default="", help="settings BATCHxTHREADS, comma-separated (default 1x1,1x2,32x1,32x2)")
+    p.add_argument("--plan-variant", action="append", default=[],
+                   help="MODEL:LABEL=PLAN.json: also lower a plan written by deploy (e.g. with --fidelity-target)")
     p.add_argument("--out", default="benchmarks/results/onnxruntime.json")
     p.add_argument("--work", default="/tmp/ort-bench")
     a = p.parse_args()
+    logging.getLogger().setLevel(logging.WARNING)  # ONNX Runtime's quantizer logs INFO lines per node
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
-    res = {"cpu": cpu_features(), "load_average_start": open("/proc/loadavg").read().split()[:3], "models": []}
+    res: dict[str, Any] = {"cpu": cpu_features(), "load_average_start": loadavg(), "models": []}
     for name in a.models.split(","):
         res["models"].append(run_model(name, a, work / name))
         Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
-    res["load_average_end"] = open("/proc/loadavg").read().split()[:3]
+    res["load_average_end"] = loadavg()
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
     return 0
 
