@@ -643,6 +643,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         for t in targets:
             log(f"lowering to {t} ...")
             target_plan = for_policy(the_plan, getattr(backends[t], "qdq_policy", None), inputs.reference)
+            if t == "tflite" and opts.backend_options.get("tflite_per_tensor") and target_plan.rounding:
+                target_plan = dataclasses.replace(target_plan, rounding={})  # per-channel bits, per-tensor weights
             ctx = LoweringContext(prepared if target_plan is the_plan else prepare_for_lowering(inputs.reference,
                                                                                                 target_plan),
                                   target_plan, tmp, inputs.calibration, dict(opts.backend_options),
