@@ -181,8 +181,11 @@ def test_dynamic_mlp_op_counts_and_numerics(tmp_path: Path) -> None:
     assert ops.get("MatMulInteger", 0) == 2 and ops.get("DynamicQuantizeLinear", 0) == 2, ops
     assert "QuantizeLinear" not in ops  # no activation ranges: quantized at run time
     assert sqnr_db(_outputs(m, held), _outputs(q, held)) > 30.0
-    q7 = lower_dynamic(m, plan, tmp_path, kernels="u8s8", reduce_range=True)
-    assert sqnr_db(_outputs(m, held), _outputs(q7, held)) > 30.0
+    q8 = lower_dynamic(m, plan, tmp_path, kernels="u8u8")
+    assert sqnr_db(_outputs(m, held), _outputs(q8, held)) > 30.0
+    # default: int8 weights, reduce_range (ONNX Runtime's symmetric 7-bit grid is [-64, 64]: 2 * 255 * 64 < 32767)
+    quantized = [a for i in q.graph.initializer if (a := numpy_helper.to_array(i)).dtype == np.int8 and a.ndim == 2]
+    assert len(quantized) == 2 and all(int(np.abs(w.astype(np.int32)).max()) <= 64 for w in quantized)
 
 
 def test_dynamic_honours_plan_fp32_nodes(tmp_path: Path) -> None:
@@ -225,6 +228,7 @@ def test_backend_lower_and_throughput(tmp_path: Path, mode: str) -> None:
     assert (tmp_path / "onnxruntime" / "model_int8_optimized.onnx").exists()
     assert artifact_name(plan, mode) == (f"model_int8_{mode}.onnx", "model_int8_optimized.onnx")
     assert art.extra["mode"] == mode and "cpu" in art.extra
+    assert art.extra["kernels"] == {"static": "u8u8", "dynamic": "u8s8"}[mode]
     assert art.run is not None and art.throughput is not None
     out = np.concatenate([o[0] for o in art.run(list(held))])
     assert sqnr_db(_outputs(m, held), out) > 20.0

@@ -11,7 +11,7 @@ Modes (``--ort-mode``):
   keep it exact (255 * 63 * 2 < 32767). ONNX Runtime documents the same remedy ("reduce_range",
   onnxruntime.quantization). Measured here (AVX2, no VNNI): a symmetric int8/int8 Q/DQ EfficientNet-Lite0
   graph gave top-1 agreement 0.36 with graph optimizations on vs 0.94 with them off.
-- Kernels (API option ``ort_kernels``): ``u8u8`` (default) stores the plan's symmetric 8-bit weights as
+- Kernels (API option ``ort_kernels``): ``u8u8`` (static default) stores the plan's symmetric 8-bit weights as
   uint8 with zero point 128; ONNX Runtime's U8U8 kernels widen to int16 before multiplying and never
   saturate. Measured here (AVX2, no VNNI), EfficientNet-Lite0, 300 held-out crops, same plan: U8U8
   fused 0.967 top-1 agreement (exact Q/DQ arithmetic 0.960); U8S8 with 7-bit weights 0.843; U8S8 with
@@ -21,6 +21,10 @@ Modes (``--ort-mode``):
 - ``dynamic``: weights INT8 offline, activations quantized at run time (DynamicQuantizeLinear +
   MatMulInteger / ConvInteger), by ONNX Runtime's own ``quantize_dynamic`` on the FP32 model; the plan's
   non-INT8 nodes are passed as ``nodes_to_exclude``. The seed's rule "CPU -> dynamic quantization".
+  Kernels default to ``u8s8`` with 7-bit weights here (``reduce_range``; exact without VNNI): measured
+  on all-MiniLM-L6-v2, 1000 held-out fortunes texts (benchmarks/results/onnxruntime.md), U8S8 7-bit
+  gave topic accuracy 0.450 (FP32 0.450), cosine 0.991, at 1.47x FP32 (batch 32, 2 threads) and 1.77x
+  (batch 1, 1 thread), timed in alternation with U8U8 (0.441, cosine 0.9925, 1.16x and 1.43x).
 
 FP16: ONNX Runtime's CPU provider has FP16 kernels for few ops (most would run through inserted Casts
 or fall back), so nodes the plan keeps in FP16 or FP32 stay **FP32 islands** here; the report lists them.
@@ -192,13 +196,14 @@ def fp32_islands(model: onnx.ModelProto, plan: QuantPlan) -> dict[str, list[str]
     return out
 
 
-def lower_dynamic(model: onnx.ModelProto, plan: QuantPlan, work: Path, kernels: str = "u8u8",
+def lower_dynamic(model: onnx.ModelProto, plan: QuantPlan, work: Path, kernels: str = "u8s8",
                   reduce_range: bool = True) -> onnx.ModelProto:
     """ONNX Runtime's ``quantize_dynamic`` on ``model``, honouring the plan's FP32/FP16 nodes.
 
-    Weights per-channel when the plan asks for per-channel weights; ``kernels="u8u8"``: uint8 weights
-    (ONNX Runtime's asymmetric default for QUInt8); ``"u8s8"``: int8 symmetric, 7-bit with
-    ``reduce_range`` (measured here without VNNI: a two-layer MLP gave SQNR 21.4 dB with 8-bit weights,
+    Weights per-channel when the plan asks for per-channel weights; ``kernels="u8s8"`` (default): int8
+    symmetric, 7-bit with ``reduce_range`` (faster than U8U8 in MatMulInteger here, see the module
+    docstring); ``"u8u8"``: uint8 weights (ONNX Runtime's asymmetric default for QUInt8). U8S8 needs
+    ``reduce_range`` without VNNI (measured here: a two-layer MLP gave SQNR 21.4 dB with 8-bit weights,
     35.8 dB with 7-bit, with or without graph optimizations: MatMulInteger itself saturates).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -349,7 +354,7 @@ class OnnxRuntimeBackend:
     def lower(self, ctx: LoweringContext) -> Artifact:
         mode = ctx.options.get("ort_mode") or "static"
         reduce_range = bool(ctx.options.get("ort_reduce_range", True))
-        kernels = ctx.options.get("ort_kernels") or "u8u8"
+        kernels = ctx.options.get("ort_kernels") or ("u8s8" if mode == "dynamic" else "u8u8")
         if kernels not in KERNELS:
             raise BadInputError(f"ort_kernels {kernels!r}: use u8u8 or u8s8")
         bits = 7 if (reduce_range and kernels == "u8s8") else 8
