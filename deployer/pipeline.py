@@ -599,6 +599,11 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     plan_warning = ""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, opts.overwrite, [model, calibration, plan, opts.eval_dir])
+    if loaded_plan is None and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):
+        no_int4 = [t for t in targets if t in ("tflite", "tensorrt", "ascend")]
+        if no_int4:  # the same refusal the backend would give, before a calibration pass is spent
+            raise BadInputError(f"--recipe {opts.recipe} asks for INT4 weights, which target(s) {', '.join(no_int4)} "
+                                f"cannot lower; use --target onnxruntime for weight-only INT4, or an int8 recipe")
     t0 = time.perf_counter()
     inputs = equalized(load_inputs(model, calibration, opts), opts)
     log(f"model: {inputs.source}; {len(inputs.calibration)} calibration / {len(inputs.heldout)} held-out samples")

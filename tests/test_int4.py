@@ -65,9 +65,14 @@ def test_onnxruntime_lowers_int4_to_matmulnbits(tmp_path) -> None:  # type: igno
 
 
 @pytest.mark.parametrize("target", ["tensorrt", "ascend"])
-def test_targets_without_int4_refuse_it(tmp_path, target) -> None:  # type: ignore[no-untyped-def]
+def test_targets_without_int4_refuse_it(tmp_path, target, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import deployer.pipeline
     from deployer import deploy
 
+    def no_calibration(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the refusal must come before calibration")
+
+    monkeypatch.setattr(deployer.pipeline, "compute_statistics", no_calibration)
     path = tmp_path / "mlp.onnx"
     onnx.save(_mlp(), path)
     with pytest.raises(BadInputError, match="INT4"):
