@@ -91,3 +91,18 @@ def test_bad_targets_and_input_shape_names_are_refused(tmp_path) -> None:  # typ
         deploy(str(path), _samples(), targets="tensorrt", out_dir=tmp_path / "o2", no_cache=True,
                input_shapes={"nope": "1x64"})
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("target", ["tensorrt", "ascend", "tflite"])
+def test_backends_refuse_an_int4_plan(tmp_path, target) -> None:  # type: ignore[no-untyped-def]
+    """A hand-made or --plan plan with 4-bit weights reaches the backend itself: it refuses too."""
+    from backends.base import LoweringContext, discover
+    from calibration.dataset import CalibrationSet
+    from deployer.pipeline import DeployOptions, Inputs, compute_statistics, make_plan
+
+    m = _mlp()
+    cal = CalibrationSet(_samples())
+    inputs = Inputs(m, cal, cal, "generic", "test", "same")
+    plan = make_plan(inputs, compute_statistics(inputs, DeployOptions(no_cache=True)), DeployOptions(recipe="int4"))
+    with pytest.raises(BadInputError, match="INT4"):
+        discover()[target].lower(LoweringContext(m, plan, tmp_path, cal, {}))
