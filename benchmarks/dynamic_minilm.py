@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--calib", type=int, default=64)
-    ap.add_argument("--heldout", type=int, default=200)
-    ap.add_argument("--targets", default="tensorrt,ascend,onnxruntime,tflite")
+    ap.add_argument("--calib", type=int, default=128, help="training-pool texts (deploy calibrates on them)")
+    ap.add_argument("--heldout", type=int, default=32,
+                    help="held-out-split texts; keep calib = 4 x heldout so that deploy's held-out fifth is exactly them")
+    ap.add_argument("--targets", default="tensorrt,ascend,onnxruntime")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/dynamic_shapes.md"))
     a = ap.parse_args()
 
@@ -85,8 +86,9 @@ def main() -> int:
         "",
         f"Model: the sentence-embedding encoder exported with dynamic axes `batch` and `sequence` on both inputs. "
         f"Data: {len(texts)} real fortunes texts tokenized without padding (lengths {min(lengths)}-{max(lengths)} "
-        f"tokens, median {int(np.median(lengths))}); deploy calibrates on the first {n_cal} and verifies on the "
-        f"last {len(texts) - n_cal} (held-out split texts, never calibrated on).",
+        f"tokens, median {int(np.median(lengths))}); deploy calibrates on the first {n_cal} (training-pool texts) "
+        f"and verifies on the last {len(texts) - n_cal} (held-out-split texts). Fidelity is SQNR of the "
+        f"embedding (a user model gets no task metric); 20 dB is about cosine 0.995, 8 dB about 0.92.",
         "",
         f"Plan `calibration.input_shapes`: `{json.dumps(plan['calibration'].get('input_shapes'))}`",
         "",
@@ -95,10 +97,9 @@ def main() -> int:
     ]
     for t, r in report["targets"].items():
         fid = r["fidelity"]
-        cos = fid.get("cosine_mean")
         sq = fid.get("sqnr_db")
         shape_notes = [n for n in r.get("notes", []) if "shape" in n or "profile" in n or "dynamic" in n]
-        lines.append(f"| {t} | cosine {cos if cos is not None else '-'}; SQNR {json.dumps(sq)} dB | "
+        lines.append(f"| {t} | SQNR {json.dumps(sq)} dB | "
                      f"{'; '.join(shape_notes)[:400] or '-'} |")
     Path(a.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
