@@ -419,7 +419,10 @@ def test_error_inside_atomic_output_leaves_nothing(tmp_path: Path) -> None:
 # -- interrupts (real signals to a real process) -----------------------------------------------------
 
 SLOW_DEPLOY = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # a job started in the background by a non-interactive shell inherits SIGINT ignored (POSIX), and
+    # Python then installs no KeyboardInterrupt handler; restore the interactive default
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import backends.tensorrt.backend as b
     real = b.TensorRTBackend.lower
     def slow(self, ctx):
