@@ -30,7 +30,8 @@ def plan_summary(plan: QuantPlan, path: str | Path = "") -> dict[str, Any]:
                         "num_samples": plan.calibration.get("num_samples")},
         "recipe": plan.recipe.get("name"), "precision_counts": dict(sorted(counts.items())),
         "ranges": len(plan.ranges), "shared_scales": len(plan.shared_scales),
-        "bias_corrected_nodes": len(plan.bias_correction), "nodes": rows,
+        "bias_corrected_nodes": len(plan.bias_correction), "adarounded_nodes": len(plan.rounding),
+        "smoothed_tensors": len(plan.smoothing), "nodes": rows,
     }
 
 
@@ -63,6 +64,7 @@ def render_table(plan: QuantPlan, path: str | Path = "", color: bool = False, wi
     with console.capture() as cap:
         console.print(table)
         console.print(f"{s['ranges']} activation ranges, {s['shared_scales']} shared-scale groups, "
-                      f"{s['bias_corrected_nodes']} bias-corrected nodes; nodes not listed compute in FP32.")
+                      f"{s['bias_corrected_nodes']} bias-corrected nodes, {s['adarounded_nodes']} AdaRound-rounded "
+                      f"nodes, {s['smoothed_tensors']} SmoothQuant-smoothed inputs; nodes not listed compute in FP32.")
     return cap.get()
 

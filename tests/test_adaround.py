@@ -172,3 +172,13 @@ def test_recipe_file_turns_adaround_on(tmp_path) -> None:
     p.write_text('{"base": "int8", "recovery": {"adaround": -1}}')
     with pytest.raises(BadInputError, match="adaround"):
         load_recovery(str(p))
+
+
+def test_inspect_counts_rounded_nodes(setup, tmp_path) -> None:
+    from deployer.inspect_plan import plan_summary, render_table
+
+    m, cal, plan = setup
+    res = compute_rounding(m, plan, cal, AdaRoundConfig(samples=4, iterations=5, time_budget_s=30))
+    rounded = QuantPlan.from_dict({**plan.to_dict(), "rounding": {n: encode_bits(b) for n, b in res.bits.items()}})
+    assert plan_summary(rounded)["adarounded_nodes"] == 3 and plan_summary(plan)["adarounded_nodes"] == 0
+    assert "3 AdaRound-rounded nodes" in render_table(rounded)
