@@ -66,17 +66,21 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
     """
     from deployer.errors import BadInputError
     from deployer.pipeline import DeployOptions, run_deploy
+    from deployer.shapes import ShapeRange
 
     unknown = sorted(set(backend_options) - set(BACKEND_OPTIONS))
     if unknown:
         raise BadInputError(f"deploy(): unknown option(s) {unknown}; backend options are {list(BACKEND_OPTIONS)}")
     shapes = backend_options.get("input_shapes")
-    if isinstance(shapes, dict) and all(isinstance(v, str) for v in shapes.values()):
-        shapes = [f"{k}:{v}" for k, v in shapes.items()]
+    if isinstance(shapes, dict) and not all(isinstance(v, ShapeRange) for v in shapes.values()):
+        shapes = [f"{k}:{v if isinstance(v, str) else 'x'.join(str(d) for d in v)}" for k, v in shapes.items()
+                  if isinstance(v, (str, list, tuple)) or _bad_shape(k, v)]
     if isinstance(shapes, (str, list, tuple)):
         from deployer.shapes import parse_input_shapes
 
         backend_options["input_shapes"] = parse_input_shapes(shapes)
+    elif shapes is not None and not isinstance(shapes, dict):
+        _bad_shape("input_shapes", shapes)
     opts = DeployOptions(targets=targets, observer=observer, recipe=recipe, overwrite=overwrite,
                          calib_samples=calib_samples, heldout_samples=heldout_samples, seed=seed,
                          ema_momentum=ema_momentum, no_cache=no_cache, bias_correction=bias_correction,
@@ -85,6 +89,13 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          equalize=equalize, no_smoothquant=no_smoothquant, adaround=adaround,
                          backend_options=backend_options)
     return run_deploy(model, calibration, out_dir, opts, plan)
+
+
+def _bad_shape(name: str, value: Any) -> bool:
+    from deployer.errors import BadInputError
+
+    raise BadInputError(f"deploy(): input_shapes {name!r}: {value!r} is not a shape; give \"1x3x224x224\", "
+                        f"\"MIN/OPT/MAX\" or a tuple of ints per input name")
 
 
 def verify_artifact(artifact: str | Path, data: str | Path, reference: str | Path | None = None,

@@ -96,6 +96,25 @@ class RoundingResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def check_budget(value: object, where: str = "--adaround") -> float | None:
+    """A validated AdaRound time budget in seconds: None or False = off, True = the default budget,
+    else a finite number > 0.
+
+    Raises:
+        BadInputError: anything else (text, 0, negative, inf, nan).
+    """
+    from deployer.errors import BadInputError
+
+    if value is None or value is False:
+        return None
+    if value is True:
+        return AdaRoundConfig().time_budget_s
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise BadInputError(f"{where} {value!r}: give a time budget in seconds (a finite number > 0), "
+                            f"true for the default {AdaRoundConfig().time_budget_s:g} s, or false")
+    return float(value)
+
+
 # -- the plan's storage ------------------------------------------------------------------------------
 
 def encode_bits(bits: np.ndarray) -> str:

@@ -251,6 +251,9 @@ def cmd_deploy(argv: Sequence[str]) -> int:
         if a.distill is not None:
             from deployer.distill.cli import options_from
             from deployer.distill.run import deploy_with_distill
+            from deployer.pipeline import preflight
+
+            opts = preflight(opts, with_plan=a.plan is not None)  # before any training
 
             result = deploy_with_distill(a.model, a.distill, a.out, opts, options_from(a, "distill_"),  # type: ignore[arg-type]
                                          progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log,
@@ -333,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deploy`` console script; returns the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    original_error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _usage_error  # type: ignore[method-assign,assignment]
     try:
         with _silenced_stderr("--quiet" in args):
             return _dispatch(args)
@@ -342,6 +347,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print("deploy: interrupted; no output was written", file=sys.stderr)
         return 143 if str(e) == f"signal {int(signal.SIGTERM)}" else 130  # 128 + signal number, as shells report
+    finally:
+        argparse.ArgumentParser.error = original_error  # type: ignore[method-assign]
+
+
+def _usage_error(self: argparse.ArgumentParser, message: str) -> None:
+    """argparse's usage errors as one line through the common error path (exit 2), also under --quiet
+    (argparse itself prints the whole usage text to stderr, which --quiet silences)."""
+    from deployer.errors import BadInputError
+
+    raise BadInputError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def _dispatch(args: list[str]) -> int:

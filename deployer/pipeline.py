@@ -409,7 +409,7 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         recovery.append("bias_correction")
     if alpha is not None:
         recovery.append(f"smoothquant(alpha={alpha})")
-    if budget is not None:
+    if budget is not None and plan.rounding:
         recovery.append("adaround")
     if options.equalize or rec.equalize:
         recovery.insert(0, "cross_layer_equalization")
@@ -453,16 +453,50 @@ def _auto_keep(model: onnx.ModelProto, unclipped: set[str]) -> dict[str, str]:
     return out
 
 
+def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_plan: bool = False) -> DeployOptions:
+    """Checks that need no model work, so that a bad request never costs calibration (or distillation):
+    the recipe and the AdaRound budget, and INT4 recipes on targets that cannot lower them.
+
+    Returns:
+        the options with the AdaRound budget normalized.
+
+    Raises:
+        BadInputError: the first problem found.
+    """
+    opts = _checked_recovery(opts)
+    if targets is None:
+        targets = resolve_targets(opts.targets, discover())
+    if not with_plan and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):
+        no_int4 = [t for t in targets if t in ("tflite", "tensorrt", "ascend")]
+        if no_int4:  # the same refusal the backend would give
+            raise BadInputError(f"--recipe {opts.recipe} asks for INT4 weights, which target(s) {', '.join(no_int4)} "
+                                f"cannot lower; use --target onnxruntime for weight-only INT4, or an int8 recipe")
+    return opts
+
+
+def _checked_recovery(opts: DeployOptions) -> DeployOptions:
+    """Options with the AdaRound budget validated (:func:`deployer.adaround.check_budget`) before any
+    model work, so a bad value never costs a calibration pass."""
+    from deployer.adaround import check_budget
+
+    load_recovery(opts.recipe)  # a bad recipe file fails here too
+    return dataclasses.replace(opts, adaround=check_budget(opts.adaround))
+
+
 def _with_rounding(plan: QuantPlan, inputs: Inputs, budget: float) -> QuantPlan:
     """Add AdaRound bits (:mod:`deployer.adaround`) learned on the first calibration samples within
     ``budget`` seconds; the recipe records what was rounded (no timings: plans stay reproducible
     when the budget is not hit)."""
     from deployer.adaround import AdaRoundConfig, compute_rounding, encode_bits
 
-    if not budget > 0:
-        raise BadInputError(f"--adaround {budget}: give a time budget in seconds > 0")
     res = compute_rounding(inputs.reference, plan, inputs.calibration, AdaRoundConfig(time_budget_s=float(budget)))
     summary = {k: v for k, v in res.summary.items() if k != "seconds"}
+    if not res.bits:
+        why = ("the time budget ran out before the first layer" if res.summary["not_reached"] else
+               "no INT8 per-channel weight to round" + (f" ({len(res.summary['skipped'])} skipped: "
+                                                       f"{sorted(set(res.summary['skipped'].values()))})"
+                                                       if res.summary["skipped"] else ""))
+        summary["warning"] = f"AdaRound rounded no layer: {why}"
     return dataclasses.replace(plan, rounding={n: encode_bits(b) for n, b in res.bits.items()},
                                recipe={**plan.recipe, "adaround": summary})
 
@@ -599,13 +633,13 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     plan_warning = ""
     out_dir = Path(out_dir)
     check_output_dir(out_dir, opts.overwrite, [model, calibration, plan, opts.eval_dir])
-    if loaded_plan is None and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):
-        no_int4 = [t for t in targets if t in ("tflite", "tensorrt", "ascend")]
-        if no_int4:  # the same refusal the backend would give, before a calibration pass is spent
-            raise BadInputError(f"--recipe {opts.recipe} asks for INT4 weights, which target(s) {', '.join(no_int4)} "
-                                f"cannot lower; use --target onnxruntime for weight-only INT4, or an int8 recipe")
+    opts = preflight(opts, targets, with_plan=loaded_plan is not None)
     t0 = time.perf_counter()
     inputs = equalized(load_inputs(model, calibration, opts), opts)
+    if opts.backend_options.get("input_shapes"):  # refused for every target, before calibration
+        from deployer.shapes import check_input_names
+
+        check_input_names(inputs.reference, opts.backend_options["input_shapes"])
     log(f"model: {inputs.source}; {len(inputs.calibration)} calibration / {len(inputs.heldout)} held-out samples")
     if loaded_plan is not None:
         from deployer.graph import GraphView
@@ -619,6 +653,15 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                             f"{str(loaded_plan.model.get('sha256'))[:12]}..., this model {model_sha256(inputs.reference)[:12]}...): "
                             f"its nodes match, but its ranges and bias correction may not fit these weights")
             log(f"warning: {plan_warning}")
+        ignored = [flag for flag, on in (("--adaround", opts.adaround is not None),
+                                          (f"--observer {opts.observer}", opts.observer != "minmax"),
+                                          ("--smoothquant", opts.smoothquant is not None),
+                                          ("--no-bias-correction", not opts.bias_correction)) if on]
+        if ignored:
+            note = (f"{', '.join(ignored)} ignored: a given plan is lowered as it is (its ranges, rounding and "
+                    f"recovery were fixed when it was computed); recompute it without --plan to apply them")
+            plan_warning = f"{plan_warning}; {note}" if plan_warning else note
+            log(f"warning: {note}")
     elif inputs.imported is not None:
         log(f"quantized model: its scales become the plan ({inputs.imported['summary']})")
         the_plan = imported_plan(inputs)
@@ -626,6 +669,10 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     else:
         stats = compute_statistics(inputs, opts, progress)
         the_plan = make_plan(inputs, stats, opts)
+        ada = the_plan.recipe.get("adaround")
+        if isinstance(ada, dict) and ada.get("warning"):
+            plan_warning = str(ada["warning"])
+            log(f"warning: {plan_warning}")
     search_result = None
     if opts.fidelity_target is not None:
         log(f"mixed-precision search for fidelity target {opts.fidelity_target} ...")
@@ -648,8 +695,11 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         for t in targets:
             log(f"lowering to {t} ...")
             target_plan = for_policy(the_plan, getattr(backends[t], "qdq_policy", None), inputs.reference)
-            if t == "tflite" and opts.backend_options.get("tflite_per_tensor") and target_plan.rounding:
-                target_plan = dataclasses.replace(target_plan, rounding={})  # per-channel bits, per-tensor weights
+            if target_plan.rounding and (
+                    (t == "tflite" and opts.backend_options.get("tflite_per_tensor"))
+                    or (t == "onnxruntime" and opts.backend_options.get("ort_mode") == "dynamic")):
+                # bits learned on the per-channel 127-level grid; per-tensor or 7-bit weights there
+                target_plan = dataclasses.replace(target_plan, rounding={})
             ctx = LoweringContext(prepared if target_plan is the_plan else prepare_for_lowering(inputs.reference,
                                                                                                 target_plan),
                                   target_plan, tmp, inputs.calibration, dict(opts.backend_options),
@@ -658,10 +708,11 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
             for gate in results[t].extra.get("gates", {}).values():
                 gate["enforced"] = bool(opts.enforce_gates)  # reported always; exit 1 only when enforced
             if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference):
-                seen = the_plan.calibration.get("input_shapes", {})
+                seen = the_plan.calibration.get("input_shapes") or {}
+                shown = "; ".join(f"{n}: {v}" for n, v in seen.items()) or "none recorded in the plan"
                 results[t].notes.append(
                     f"symbolic input dims stay dynamic in the artifact ({t} resizes per input; calibration shapes "
-                    f"seen: {'; '.join(f'{n}: {v}' for n, v in seen.items())})"
+                    f"seen: {shown})"
                     + ("; --input-shapes is not used by this target" if opts.backend_options.get("input_shapes") else ""))
             if the_plan.smoothing and not target_plan.smoothing:
                 results[t].notes.append(f"the plan's SmoothQuant factors ({len(the_plan.smoothing)} tensors) are not "
@@ -844,6 +895,7 @@ def plan_only(model: Any = None, calibration: Any = None, out: str | Path = "pla
         raise BadInputError(f"{out} exists; pass --overwrite or choose another path")
     if out.is_dir():
         raise BadInputError(f"{out} is a directory; give a file path for the plan (--out FILE)")
+    opts = _checked_recovery(opts)
     inputs = equalized(load_inputs(model, calibration, opts), opts)
     stats = compute_statistics(inputs, opts, progress)
     p = make_plan(inputs, stats, opts)

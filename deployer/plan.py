@@ -366,6 +366,9 @@ def validate_against_model(plan: QuantPlan, node_types: dict[str, str], tensor_n
     for name in plan.bias_correction:
         if name not in node_types:
             raise PlanError(f"plan: bias_correction names node {name!r}, which is not in the model; remove it")
+    for name in plan.rounding:
+        if name not in node_types:
+            raise PlanError(f"plan: rounding names node {name!r}, which is not in the model; remove it")
     for g in plan.shared_scales:
         for t in g:
             if t not in tensor_names:

@@ -149,21 +149,15 @@ class Recovery:
         bc, eq = d.get("bias_correction", base.bias_correction), d.get("equalize", base.equalize)
         if not isinstance(bc, bool) or not isinstance(eq, bool):
             raise BadInputError(f"{where}: recovery.bias_correction and recovery.equalize must be true or false")
-        ada = d.get("adaround", base.adaround)
-        if ada is True:
-            from deployer.adaround import AdaRoundConfig
+        from deployer.adaround import check_budget
 
-            ada = AdaRoundConfig().time_budget_s
-        elif ada is False:
-            ada = None
-        if ada is not None and (not isinstance(ada, (int, float)) or not ada > 0):
-            raise BadInputError(f"{where}: recovery.adaround {ada!r}: give true, false or a time budget in seconds > 0")
+        ada = check_budget(d.get("adaround", base.adaround), f"{where}: recovery.adaround")
         from calibration.observers import OBSERVERS
 
         obs = d.get("observer", base.observer)
         if obs is not None and obs not in OBSERVERS:
             raise BadInputError(f"{where}: recovery.observer {obs!r}: use one of {', '.join(OBSERVERS)}")
-        return cls(bc, None if sq is None else float(sq), eq, None if ada is None else float(ada), obs)
+        return cls(bc, None if sq is None else float(sq), eq, ada, obs)
 
 
 MIXED_SMOOTHQUANT_ALPHA = 0.8

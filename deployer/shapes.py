@@ -59,7 +59,9 @@ def parse_input_shapes(specs: str | Sequence[str] | None) -> dict[str, ShapeRang
     for part in parts:
         name, sep, rest = part.rpartition(":")
         if not sep or not name:
-            raise BadInputError(f"--input-shapes {part!r}: use name:SHAPE or name:MIN/OPT/MAX")
+            hint = (" (dimensions are x-separated, e.g. x:1x3x224x224, not comma-separated as atc writes them)"
+                    if part.isdigit() else "")
+            raise BadInputError(f"--input-shapes {part!r}: use name:SHAPE or name:MIN/OPT/MAX{hint}")
         pieces = rest.split("/")
         if len(pieces) == 1:
             s = _shape(pieces[0], part)
@@ -117,21 +119,50 @@ def resolve_input_shapes(model: "onnx.ModelProto", given: Mapping[str, ShapeRang
     for i in model.graph.input:
         if i.name in inits:
             continue
-        if i.name in given:
-            shapes[i.name], source[i.name] = given[i.name], "--input-shapes"
-            continue
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in i.type.tensor_type.shape.dim]
+        if i.name in given:
+            g = given[i.name]
+            if dims and len(g.min) != len(dims):
+                raise BadInputError(f"--input-shapes {i.name}: rank {len(g.min)}, but the model's input has rank "
+                                    f"{len(dims)} ({_dims_text(dims)})")
+            bad = [a for a, d in enumerate(dims) if a > 0 and d > 0 and not g.min[a] == g.max[a] == d]
+            if bad:  # the batch axis may be overridden (ATC's --input_shape does); fixed feature axes may not
+                raise BadInputError(f"--input-shapes {i.name}: axis {bad[0]} is fixed at {dims[bad[0]]} in the model "
+                                    f"({_dims_text(dims)}); give that size there")
+            shapes[i.name], source[i.name] = g, "--input-shapes"
+            continue
         if all(d > 0 for d in dims):
             shapes[i.name], source[i.name] = ShapeRange(tuple(dims), tuple(dims), tuple(dims)), "static"
             continue
         s = (seen or {}).get(i.name)
-        if s is None or len(s["min"]) != len(dims):
-            raise BadInputError(f"input {i.name!r} has symbolic dimensions and no calibration shapes were recorded; "
-                                f"pass --input-shapes {i.name}:SHAPE or {i.name}:MIN/OPT/MAX")
-        lo = tuple(int(d) if d > 0 else int(a) for d, a in zip(dims, s["min"]))
-        hi = tuple(int(d) if d > 0 else int(b) for d, b in zip(dims, s["max"]))
+        if s is None:
+            raise BadInputError(f"input {i.name!r} has symbolic dimensions and the plan records no calibration shapes "
+                                f"for it; pass --input-shapes {i.name}:SHAPE or {i.name}:MIN/OPT/MAX")
+        mn, mx = _seen_entry(i.name, s, len(dims))
+        lo = tuple(int(d) if d > 0 else int(a) for d, a in zip(dims, mn))
+        hi = tuple(int(d) if d > 0 else int(b) for d, b in zip(dims, mx))
         shapes[i.name], source[i.name] = ShapeRange(lo, hi, hi), "calibration shapes seen"
     return shapes, source
+
+
+def _dims_text(dims: Sequence[int]) -> str:
+    return "x".join(str(d) if d > 0 else "?" for d in dims)
+
+
+def _seen_entry(name: str, entry: object, rank: int) -> tuple[list[int], list[int]]:
+    """``plan.calibration["input_shapes"][name]`` checked: ``{"min": [ints], "max": [ints]}`` of the input's
+    rank with min <= max.
+
+    Raises:
+        BadInputError: anything else (a hand-edited plan).
+    """
+    ok = (isinstance(entry, dict) and all(isinstance(entry.get(k), list) and len(entry[k]) == rank
+                                          and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                  for v in entry[k]) for k in ("min", "max")))
+    if not ok or any(a > b for a, b in zip(entry["min"], entry["max"])):  # type: ignore[index]
+        raise BadInputError(f"plan calibration.input_shapes[{name!r}] must be {{\"min\": [...], \"max\": [...]}} "
+                            f"with {rank} positive integers each and min <= max; fix the plan or pass --input-shapes")
+    return list(entry["min"]), list(entry["max"])  # type: ignore[index]
 
 
 def describe_shapes(shapes: Mapping[str, ShapeRange], source: Mapping[str, str]) -> str:

@@ -182,3 +182,45 @@ def test_inspect_counts_rounded_nodes(setup, tmp_path) -> None:
     rounded = QuantPlan.from_dict({**plan.to_dict(), "rounding": {n: encode_bits(b) for n, b in res.bits.items()}})
     assert plan_summary(rounded)["adarounded_nodes"] == 3 and plan_summary(plan)["adarounded_nodes"] == 0
     assert "3 AdaRound-rounded nodes" in render_table(rounded)
+
+
+def test_budget_values_are_checked_before_any_model_work(setup, tmp_path) -> None:
+    import math
+
+    from deployer.adaround import check_budget
+    from deployer.errors import BadInputError as Bad
+
+    assert check_budget(None) is None and check_budget(False) is None
+    assert check_budget(True) == AdaRoundConfig().time_budget_s and check_budget(30) == 30.0
+    for bad in (0, -1, math.inf, math.nan, "10", [1]):
+        with pytest.raises(Bad, match="time budget"):
+            check_budget(bad)
+    from deployer import deploy
+
+    m, cal, _ = setup
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    with pytest.raises(Bad, match="time budget"):
+        deploy(str(tmp_path / "m.onnx"), list(cal), targets="onnxruntime", out_dir=tmp_path / "o", adaround=math.inf)
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_rounding_must_name_model_nodes(setup) -> None:
+    from deployer.graph import GraphView
+    from deployer.plan import validate_against_model
+
+    m, _, plan = setup
+    bad = QuantPlan.from_dict({**plan.to_dict(), "rounding": {"nonexist": "AAAA"}})
+    with pytest.raises(PlanError, match="rounding names node 'nonexist'"):
+        validate_against_model(bad, {n.name: n.op_type for n in m.graph.node}, GraphView(m).tensor_names())
+
+
+def test_options_a_given_plan_ignores_are_reported(setup, tmp_path) -> None:
+    from deployer import deploy
+
+    m, cal, plan = setup
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    plan.save(tmp_path / "p.json")
+    res = deploy(str(tmp_path / "m.onnx"), list(cal), targets="onnxruntime", out_dir=tmp_path / "o",
+                 plan=str(tmp_path / "p.json"), adaround=30, observer="auto", no_cache=True)
+    assert any("--adaround, --observer auto ignored" in w for w in res.report["warnings"])
+    assert not QuantPlan.load(res.plan_path).rounding

@@ -435,3 +435,13 @@ def test_quiet_prints_nothing_even_from_native_libraries(tmp_path: Path, model_p
     assert ok.stdout == "" and ok.stderr == "", (ok.stdout, ok.stderr[-500:])
     bad = subprocess.run([*base, "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "exists" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [["--quiet", "--adaround", "abc"], ["--tflite-mode", "foo"],
+                                  ["plan", "--quiet", "--observer"]])
+def test_usage_errors_are_one_line_even_under_quiet(argv, capsys) -> None:  # type: ignore[no-untyped-def]
+    from deployer.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deploy: error: deploy") and "--help" in err[0], err

@@ -96,3 +96,32 @@ def test_metrics_on_outputs_of_different_lengths() -> None:
     got = [[r[0] + 0.01] for r in ref]
     res = fidelity(ref, got, ["h"], "generic")
     assert res["samples"] == 3 and 30 < res["sqnr_db"]["h"] < 45
+
+
+def test_given_shapes_must_fit_the_model_and_seen_shapes_must_be_well_formed() -> None:
+    m = _model()
+    with pytest.raises(BadInputError, match="rank 3, but the model's input has rank 4"):
+        resolve_input_shapes(m, parse_input_shapes("x:1x3x8"), None)
+    with pytest.raises(BadInputError, match="axis 1 is fixed at 3"):
+        resolve_input_shapes(m, parse_input_shapes("x:1x4x8x8"), None)
+    shapes, _ = resolve_input_shapes(m, parse_input_shapes("x:1x3x8x8/2x3x16x16/4x3x32x32"), None)
+    assert shapes["x"].dynamic_axes() == [0, 2, 3]  # the batch axis may vary even where the model fixes it
+    for bad in ("1x3x8x8", {"min": [4, 3, 8, 8], "max": [1, 3, 16, 16]}, {"min": [1, 3, 8], "max": [1, 3, 8]}):
+        with pytest.raises(BadInputError, match="calibration.input_shapes"):
+            resolve_input_shapes(m, None, {"x": bad})
+    with pytest.raises(BadInputError, match="x-separated"):
+        parse_input_shapes("x:1,3,8,8")  # atc's own comma syntax
+
+
+def test_api_input_shapes_types(tmp_path: Path) -> None:
+    from deployer import deploy
+
+    onnx.save(_model(), str(tmp_path / "m.onnx"))
+    samples = [{"x": np.ones((1, 3, 8, 8), np.float32)}] * 6
+    for bad in (5, {"x": 5}):
+        with pytest.raises(BadInputError, match="input_shapes"):
+            deploy(str(tmp_path / "m.onnx"), samples, targets="tensorrt", out_dir=tmp_path / "o", input_shapes=bad)
+    with pytest.raises(BadInputError, match="not inputs of the model"):  # refused before calibration
+        deploy(str(tmp_path / "m.onnx"), samples, targets="onnxruntime", out_dir=tmp_path / "o",
+               input_shapes={"y": (1, 3, 8, 8)})
+    assert not (tmp_path / "o").exists()
