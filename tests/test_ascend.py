@@ -448,3 +448,14 @@ def test_atc_stand_in_failure_is_reported(tmp_path, atc_stand_in, monkeypatch):
     assert step["status"] == "failed" and "atc failed" in step["error"]
     assert any(n.startswith("atc: FAILED") for n in art.notes)
     assert art.extra["om"] is None and (art.path.parent / "atc.log").is_file()
+
+
+def test_atc_dynamic_dims_axes_with_different_ranges_step_in_lockstep():
+    """Batch 1..4 and image 8..64: one power-of-two ladder per axis, from all-min to all-max (not only the
+    two ends, which would leave every shape in between without a profile)."""
+    from backends.ascend.atc import shape_args
+    from deployer.shapes import ShapeRange
+
+    sa = shape_args({"x": ShapeRange((1, 3, 8, 8), (4, 3, 64, 64), (4, 3, 64, 64))})
+    assert sa.dynamic_option == "--dynamic_dims" and sa.input_shape == "x:-1,3,-1,-1"
+    assert sa.profiles == "1,8,8;2,16,16;2,32,32;4,64,64"

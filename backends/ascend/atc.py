@@ -132,8 +132,10 @@ def shape_args(inputs: Mapping[str, ShapeRange | Sequence[int]], input_format: s
     triples = [(ranges[k].min[i], ranges[k].opt[i], ranges[k].max[i]) for k, i in axes]
     if len(set(triples)) == 1:
         levels = [[v] * len(axes) for v in _ladder(*triples[0])]
-    else:
-        levels = [[getattr(ranges[k], which)[i] for k, i in axes] for which in ("min", "opt", "max")]
+    else:  # each axis its own power-of-two ladder, stepped in lockstep from all-min to all-max
+        ladders = [_ladder(*t) for t in triples]
+        n = max(len(ld) for ld in ladders)
+        levels = [[ld[round(j * (len(ld) - 1) / (n - 1))] if n > 1 else ld[0] for ld in ladders] for j in range(n)]
         levels = [list(t) for t in dict.fromkeys(tuple(lv) for lv in levels)]
     if not MIN_PROFILES <= len(levels) <= MAX_PROFILES:
         raise BadInputError(f"--input-shapes gives {len(levels)} ATC profile(s); ATC needs {MIN_PROFILES} to "
