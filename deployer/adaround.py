@@ -205,23 +205,11 @@ def rounding_targets(model: onnx.ModelProto, plan: QuantPlan) -> tuple[list[onnx
 
 
 def _layer_inputs(model: onnx.ModelProto, samples: Sequence[Sample], tensors: list[str]) -> dict[str, list[np.ndarray]]:
-    """FP32 values of ``tensors`` for each sample (ONNX Runtime, no graph optimization)."""
-    import onnxruntime as ort
+    """FP32 values of ``tensors`` for each sample (:func:`deployer.recovery.tensor_values`)."""
+    from deployer.recovery import tensor_values
 
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    present = {o.name for o in aug.graph.output} | {i.name for i in aug.graph.input}
-    for t in tensors:
-        if t not in present:
-            aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
     out: dict[str, list[np.ndarray]] = {t: [] for t in tensors}
-    for s in samples:
-        values = dict(zip(names, sess.run(names, dict(s))))
-        values.update(s)
+    for values in tensor_values(model, samples, tensors):
         for t in tensors:
             out[t].append(np.asarray(values[t], dtype=np.float32))
     return out

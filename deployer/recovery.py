@@ -14,7 +14,7 @@ activations. Depthwise convolutions gain most (few weights per channel, biased r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -43,30 +43,36 @@ def _targets(model: onnx.ModelProto, plan: QuantPlan) -> list[onnx.NodeProto]:
     return out
 
 
+def tensor_values(model: onnx.ModelProto, samples: Sequence[Sample], tensors: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    """Per sample, the FP32 values of the named tensors (and the sample's own inputs): ONNX Runtime on
+    ``model`` with those tensors as extra outputs, graph optimizations off. One sample's values at a time."""
+    import onnxruntime as ort
+
+    aug = onnx.ModelProto()
+    aug.CopyFrom(model)
+    present = {o.name for o in aug.graph.output} | {i.name for i in model.graph.input}
+    for t in tensors:
+        if t not in present:
+            aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    for s in samples:
+        values = dict(zip(names, sess.run(names, dict(s))))
+        values.update(s)
+        yield values
+
+
 def input_channel_means(model: onnx.ModelProto, samples: Sequence[Sample], tensors: list[str],
                         progress: Callable[[int, int], None] | None = None) -> dict[str, np.ndarray]:
     """Per-channel mean (axis 1) of each named tensor over ``samples`` (float64, shape (C,)).
 
     Streaming: keeps one running sum per tensor.
     """
-    import onnxruntime as ort
-
-    aug = onnx.ModelProto()
-    aug.CopyFrom(model)
-    graph_inputs = {i.name for i in model.graph.input}
-    existing = {o.name for o in aug.graph.output}
-    for t in tensors:
-        if t not in existing and t not in graph_inputs:
-            aug.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(aug.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for i, s in enumerate(samples):
-        values = dict(zip(names, sess.run(names, dict(s))))
-        values.update({k: v for k, v in s.items()})
+    for i, values in enumerate(tensor_values(model, samples, tensors)):
         for t in tensors:
             v = np.asarray(values[t], dtype=np.float64)
             if v.ndim < 2:
