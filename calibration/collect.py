@@ -68,28 +68,33 @@ def _float_names(model: onnx.ModelProto, types: dict[str, int]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+SHAPE_ONLY = ("Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
+"""Ops whose output is a reshaped copy of their first input (same values, same range)."""
+
+
+def reshape_chain(producer: dict[str, onnx.NodeProto], t: str) -> tuple[list[str], onnx.NodeProto | None]:
+    """``t`` and the tensors it is a reshaped copy of (back through :data:`SHAPE_ONLY` producers), and
+    the first other producer (None at a graph input)."""
+    chain = [t]
+    nd = producer.get(t)
+    while nd is not None and nd.op_type in SHAPE_ONLY and nd.input:
+        chain.append(nd.input[0])
+        nd = producer.get(nd.input[0])
+    return chain, nd
+
+
 def unclipped_tensors(model: onnx.ModelProto) -> set[str]:
     """Tensors whose range the clipping (histogram) observers must not narrow: the graph outputs, and
     the inputs of a Softmax/LogSoftmax that produces a graph output (pre-softmax logits), followed back
     through a Reshape/Flatten/Identity/Transpose/Squeeze/Unsqueeze chain. The pipeline gives them
     their min/max range (see :mod:`calibration.observers`)."""
     producer = {o: nd for nd in model.graph.node for o in nd.output}
-    shape_only = ("Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
     keep: set[str] = set()
-
-    def back(t: str) -> onnx.NodeProto | None:
-        """Keep ``t`` and the tensors it is a reshaped copy of; the first other producer."""
-        keep.add(t)
-        nd = producer.get(t)
-        while nd is not None and nd.op_type in shape_only and nd.input:
-            keep.add(nd.input[0])
-            nd = producer.get(nd.input[0])
-        return nd
-
     for o in model.graph.output:
-        nd = back(o.name)
+        chain, nd = reshape_chain(producer, o.name)
+        keep.update(chain)
         if nd is not None and nd.op_type in ("Softmax", "LogSoftmax") and nd.input:
-            back(nd.input[0])
+            keep.update(reshape_chain(producer, nd.input[0])[0])
     return keep
 
 

@@ -441,15 +441,13 @@ def _auto_keep(model: onnx.ModelProto, unclipped: set[str]) -> dict[str, str]:
     for name in pats.residual_add:
         if name in by_name:
             out.update({o: "residual stream" for o in by_name[name].output})
+    from calibration.collect import reshape_chain
+
     producer = {o: n for n in model.graph.node for o in n.output}
-    shape_only = ("Identity", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
     for node in model.graph.node:
         if node.op_type in ("Gemm", "MatMul", "Conv") and node.input and any(o in unclipped for o in node.output):
-            t: str | None = node.input[0]
-            while t is not None:  # the input and the tensors it is a reshaped copy of
+            for t in reshape_chain(producer, node.input[0])[0]:  # the input and what it is a reshaped copy of
                 out.setdefault(t, "classifier input")
-                p = producer.get(t)
-                t = p.input[0] if p is not None and p.op_type in shape_only and p.input else None
     return out
 
 
