@@ -8,7 +8,6 @@ error or an interrupt never leaves a half-written output directory.
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 import json
 import os
