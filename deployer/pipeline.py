@@ -692,10 +692,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         for t in targets:
             log(f"lowering to {t} ...")
             target_plan = for_policy(the_plan, getattr(backends[t], "qdq_policy", None), inputs.reference)
-            if target_plan.rounding and (
-                    (t == "tflite" and opts.backend_options.get("tflite_per_tensor"))
-                    or (t == "onnxruntime" and opts.backend_options.get("ort_mode") == "dynamic")):
-                # bits learned on the per-channel 127-level grid; per-tensor or 7-bit weights there
+            honours = getattr(backends[t], "honours_rounding", None)  # per-option grid (tflite, onnxruntime)
+            if target_plan.rounding and honours is not None and not honours(opts.backend_options):
                 target_plan = dataclasses.replace(target_plan, rounding={})
             ctx = LoweringContext(prepared if target_plan is the_plan else prepare_for_lowering(inputs.reference,
                                                                                                 target_plan),

@@ -224,3 +224,19 @@ def test_options_a_given_plan_ignores_are_reported(setup, tmp_path) -> None:
                  plan=str(tmp_path / "p.json"), adaround=30, observer="auto", no_cache=True)
     assert any("--adaround, --observer auto ignored" in w for w in res.report["warnings"])
     assert not QuantPlan.load(res.plan_path).rounding
+
+
+def test_targets_whose_options_change_the_weight_grid_drop_the_bits(setup, tmp_path) -> None:
+    from backends.onnxruntime.backend import OnnxRuntimeBackend
+    from backends.tflite.backend import TFLiteBackend
+    from deployer.pipeline import run_deploy
+
+    assert TFLiteBackend().honours_rounding({}) and not TFLiteBackend().honours_rounding({"tflite_per_tensor": True})
+    assert OnnxRuntimeBackend().honours_rounding({}) and not OnnxRuntimeBackend().honours_rounding({"ort_mode": "dynamic"})
+    m, cal, _ = setup
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    res = run_deploy(str(tmp_path / "m.onnx"), list(cal), tmp_path / "o",
+                     DeployOptions(targets="onnxruntime", adaround=60.0, no_cache=True,
+                                   backend_options={"ort_mode": "dynamic"}))
+    assert QuantPlan.load(res.plan_path).rounding  # the plan keeps them
+    assert any("AdaRound bits of 3 node(s) not applied on onnxruntime" in n for n in res.targets["onnxruntime"].notes)

@@ -140,17 +140,6 @@ def to_opset(model: onnx.ModelProto, opset: int) -> tuple[onnx.ModelProto, str]:
         return model, f"kept opset {current} (within ATC's 11-18): not expressible at opset {opset}: {first}"
 
 
-def input_shapes(model: onnx.ModelProto, given: dict[str, ShapeRange] | None,
-                 seen: dict[str, Any] | None = None) -> dict[str, ShapeRange]:
-    """Every graph input's shape: ``--input-shapes`` where given, else the model's static dims, else the
-    calibration shapes seen (:func:`deployer.shapes.resolve_input_shapes`).
-
-    Raises:
-        BadInputError: an input named in ``given`` is not in the model; a symbolic dim with neither.
-    """
-    return resolve_input_shapes(model, given, seen)[0]
-
-
 def precision_files(plan: QuantPlan, node_types: dict[str, str], precision_mode: str
                     ) -> tuple[list[str], list[str], list[str]]:
     """How the plan's FP16/FP32 nodes reach ATC under ``precision_mode``.

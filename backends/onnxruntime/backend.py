@@ -344,6 +344,11 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
     description = "INT8 ONNX for ONNX Runtime's CPU provider (static QDQ or dynamic); throughput in queries/s"
 
+    def honours_rounding(self, options: dict[str, Any]) -> bool:
+        """Whether the plan's AdaRound bits (per-channel 127-level grid) apply: not in dynamic mode, whose
+        7-bit weights ONNX Runtime's own quantizer rounds."""
+        return (options.get("ort_mode") or "static") != "dynamic"
+
     def available(self) -> tuple[bool, str]:
         try:
             import onnxruntime.quantization  # noqa: F401

@@ -15,7 +15,6 @@ Without TensorRT (these machines) the graph is verified in ONNX Runtime and the 
 from __future__ import annotations
 
 import dataclasses
-
 import shlex
 from pathlib import Path
 from typing import Any

@@ -42,6 +42,10 @@ class TFLiteBackend:
     name = "tflite"
     description = "full-integer INT8 .tflite (LiteRT / XNNPACK)"
 
+    def honours_rounding(self, options: dict[str, Any]) -> bool:
+        """Whether the plan's AdaRound bits (per-channel 127-level grid) apply: not with per-tensor weights."""
+        return not TFLiteOptions.from_options(options).per_tensor
+
     def available(self) -> tuple[bool, str]:
         try:
             import ai_edge_litert  # noqa: F401
