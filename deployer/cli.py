@@ -43,6 +43,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         f"reaches this fraction of FP32 (no value: the default target {DEFAULT_FIDELITY_TARGET})")
     p.add_argument("--search-budget", type=int, default=24, help="evaluations the search may spend (default 24)")
     p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a release gate fails")
+    p.add_argument("--min-fidelity", default=None, metavar="SPEC",
+                   help="fidelity floor every output must reach to ship (default cosine=0.99,sqnr_db=20); below it "
+                        "the target is escalated, then marked 'does not ship' (exit 1)")
     p.add_argument("--eval", dest="eval_dir", metavar="DIR",
                    help="labelled held-out data: DIR/inputs/ samples + DIR/labels.npy")
     p.add_argument("--equalize", action="store_true",
@@ -243,7 +246,7 @@ def cmd_deploy(argv: Sequence[str]) -> int:
                          bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
                          adaround=a.adaround,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
-                         enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
+                         enforce_gates=a.enforce_gates, eval_dir=a.eval_dir, min_fidelity=a.min_fidelity)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
     from deployer.errors import GateFailedError
 
@@ -283,28 +286,40 @@ def cmd_deploy(argv: Sequence[str]) -> int:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """The short terminal table: one row per target."""
+    """The short terminal table: one row per target (verdict, worst-output fidelity, size), fitted to
+    ``COLUMNS`` (80 when not a terminal); details are in report.json / report.html and under --verbose."""
+    import shutil as _shutil
+
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="deploy: fidelity vs FP32 on held-out samples")
-    from deployer.report_html import format_gates
-
-    for col in ("target", "artifact", "fidelity", "size vs FP32", "gates", "verified by", "notes"):
-        table.add_column(col)
+    table = Table(title="deploy: each target against FP32 on held-out samples")
+    for col in ("target", "verdict", "fidelity (worst output)", "size vs FP32"):
+        table.add_column(col, overflow="fold")
     for name, t in report["targets"].items():
-        fid = t["fidelity"]
-        parts = [f"{k} {v:.4f}" for k, v in fid.items() if isinstance(v, float)]
-        sq = fid.get("sqnr_db", {})
-        parts += [f"SQNR {v:.1f} dB" if v is not None else "SQNR inf (identical)" for v in sq.values()][:1]
-        size = t["size_bytes"]
-        ratio = f"{size['artifact'] / 1e6:.2f} MB ({100 * size['ratio']:.1f}%)" if size.get("ratio") else \
-            f"{size['artifact'] / 1e6:.2f} MB"
-        table.add_row(name, t["artifact"], ", ".join(parts), ratio, format_gates(t.get("gates")), t["verified_by"],
-                      "; ".join(t["notes"]))
-    console = Console(file=None, width=200, no_color=not sys.stdout.isatty(), force_terminal=False)
+        fid = t.get("fidelity") or {}
+        parts = [f"top-1 {fid['top1_agreement']:.3f}"] if isinstance(fid.get("top1_agreement"), float) else []
+        if isinstance(fid.get("cosine_mean"), float):
+            parts.append(f"cos {fid['cosine_mean']:.4f}")
+        if "sqnr_db" in fid:
+            parts.append("SQNR inf" if fid["sqnr_db"] is None else f"SQNR {fid['sqnr_db']:.1f} dB")
+        if fid.get("samples"):
+            parts.append(f"n={fid['samples']}")
+        size = t.get("size_bytes") or {}
+        ratio = (f"{size['artifact'] / 1e6:.2f} MB ({100 * size['ratio']:.1f}%)" if size.get("ratio") else
+                 f"{size['artifact'] / 1e6:.2f} MB" if size.get("artifact") else "-")
+        verdict = t.get("verdict") or {}
+        ships = verdict.get("ships")
+        word = "ships" if ships else "FAILED" if t.get("error") else "does not ship" if ships is False else "?"
+        table.add_row(name, word, ", ".join(parts) or "not measured", ratio)
+    width = _shutil.get_terminal_size((80, 24)).columns if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 80))
+    console = Console(file=None, width=width, no_color=not sys.stdout.isatty(), force_terminal=False)
     with console.capture() as cap:
         console.print(table)
+        for name, t in report["targets"].items():
+            verdict = t.get("verdict") or {}
+            if verdict and not verdict.get("ships"):
+                console.print(f"{name}: {verdict.get('reason', '')}", soft_wrap=False, overflow="fold")
     return cap.get()
 
 

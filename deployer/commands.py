@@ -58,9 +58,12 @@ def worst(codes: Iterable[int]) -> int:
 
 
 def exit_code_for_report(report: dict[str, Any]) -> int:
-    """0; 1 when any target has a failed enforced gate; 2 when a vendor step (``atc``) ran and failed (its
-    output is in the report). A vendor step not run (tool not installed) is not a failure."""
+    """The worst target's code: 0; 1 a failed enforced gate (the ``fidelity-floor`` gate always is);
+    2 a vendor step (``atc``) ran and failed, or the target could not lower (``error``); 3 its backend
+    was missing. A vendor step not run (tool not installed) is not a failure."""
     def code(t: dict[str, Any]) -> int:
+        if isinstance(t.get("error"), dict):  # the target could not deliver (its code: 1, 2 or 3)
+            return int(t["error"].get("exit_code", EXIT_BAD_INPUT))
         if (t.get("vendor_step") or {}).get("status") == "failed":
             return EXIT_BAD_INPUT
         return EXIT_GATE_FAILED if gate_failed(t.get("gates")) else EXIT_OK

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
@@ -33,6 +33,16 @@ from deployer.qdq import QdqPolicy, for_policy, lower_qdq
 from deployer.verify import cosine_mean, sqnr_db, top1_agreement
 
 Outputs = list[list[np.ndarray]]
+
+
+class PlanScorer(Protocol):
+    """Scores a plan: ``(metric, worst SQNR dB)``, higher is better; counts its calls in ``evaluations``."""
+
+    evaluations: int
+
+    def __call__(self, plan: QuantPlan) -> tuple[float, float]:
+        ...
+
 Metric = Callable[[Outputs, Outputs], float]
 """(reference outputs, candidate outputs) -> metric value, higher is better, 1.0 = FP32."""
 
@@ -194,7 +204,7 @@ class SearchResult:
                 "int8_mac_fraction": round(self.int8_mac_fraction, 4), "sensitivity": self.sensitivity}
 
 
-def sensitivity(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator,
+def sensitivity(plan: QuantPlan, model: onnx.ModelProto, evaluate: PlanScorer,
                 macs: dict[str, int] | None = None,
                 progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
     """Quantize one layer at a time; rows sorted worst first (lowest metric, then lowest SQNR)."""
@@ -213,9 +223,10 @@ def sensitivity(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator,
     return rows
 
 
-def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target: float = DEFAULT_FIDELITY_TARGET,
+def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: PlanScorer, target: float = DEFAULT_FIDELITY_TARGET,
            budget: int = DEFAULT_BUDGET, high: Precision = Precision.FP16,
-           progress: Callable[[int, int], None] | None = None, rank_with: Evaluator | None = None) -> SearchResult:
+           progress: Callable[[int, int], None] | None = None, rank_with: PlanScorer | None = None,
+           order: Sequence[str] | None = None, reason: str | None = None) -> SearchResult:
     """Find a short list of layers to keep in ``high`` precision so that the metric >= ``target``.
 
     Args:
@@ -226,6 +237,8 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
         budget: maximum search evaluations after the sensitivity pass (deterministic stop).
         rank_with: a cheaper evaluator (fewer samples) for the one-layer-at-a-time ranking; default
             ``evaluate``.
+        order: a ranking computed elsewhere (most sensitive first): no sensitivity pass is run.
+        reason: the reason written into each moved node's decision.
 
     Returns:
         :class:`SearchResult` (stopped on target or budget).
@@ -235,9 +248,9 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
     if base_metric >= target:
         return SearchResult(plan, [], base_metric, target, "target", evaluate.evaluations,
                             int8_mac_fraction(plan, macs), [])
-    table = sensitivity(plan, model, rank_with or evaluate, macs, progress)
-    order = [r["layer"] for r in table]
-    reason = f"mixed-precision search: kept in {high.value} to reach fidelity target {target}"
+    table = [] if order is not None else sensitivity(plan, model, rank_with or evaluate, macs, progress)
+    order = list(order) if order is not None else [r["layer"] for r in table]
+    reason = reason or f"mixed-precision search: kept in {high.value} to reach fidelity target {target}"
     tried: dict[int, float] = {0: base_metric}
     spent = 0
 
@@ -279,7 +292,7 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, target:
     return SearchResult(final, kept, metric, target, stopped, spent_total, int8_mac_fraction(final, macs), table)
 
 
-def _prune(plan: QuantPlan, model: onnx.ModelProto, evaluate: Evaluator, kept: list[str], metric: float,
+def _prune(plan: QuantPlan, model: onnx.ModelProto, evaluate: PlanScorer, kept: list[str], metric: float,
            target: float, left: int, high: Precision, reason: str, macs: dict[str, int],
            spent: int) -> tuple[list[str], float, int]:
     """Give kept layers back to INT8, most MACs first, while the target still holds (budget permitting).

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from backends.base import Backend, LoweringContext, discover, onnx_runner, resolve_targets
+from backends.base import Backend, discover, onnx_runner, resolve_targets
 from calibration.adapters import load_calibration
 from calibration.cache import cached_statistics
 from calibration.collect import unclipped_tensors
@@ -34,13 +34,14 @@ from calibration.observers import (DEFAULT_EMA_MOMENTUM, HISTOGRAM_OBSERVERS, OB
                                    reduce_range)
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
-from deployer.gates import evaluate_gates, failed
+from deployer.gates import failed
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
-from deployer.qdq import for_policy
 from deployer.recipe import decide, load_recovery, load_rules
-from deployer.verify import fidelity
+from deployer.deliver import (FLOOR_GATE, Shared, TargetResult, deliver, failed_target,  # noqa: F401
+                              labelled_metrics, target_plan)
+from deployer.judge import FidelityFloor
 
 DEFAULT_CALIB_SAMPLES = 256
 DEFAULT_HELDOUT_SAMPLES = 300
@@ -78,6 +79,9 @@ class DeployOptions:
             the held-out set; enables labelled metrics (accuracy, macro recall) and the recall gate.
         metric: user task metric: per-sample outputs of the held-out set -> ``{name: value}``;
             reported for FP32 and each artifact with ``<name>_relative``.
+        min_fidelity: the fidelity floor every output of every target must reach to ship
+            (:class:`deployer.judge.FidelityFloor`: ``"cosine=0.99,sqnr_db=20"``, a dict, a number = cosine;
+            None = the defaults). Below it a target is escalated, then marked "does not ship" (exit 1).
         ema_momentum: EMA momentum.
         overwrite: replace an existing output directory.
         no_cache: neither read nor write the user statistics cache (``--no-cache``).
@@ -104,6 +108,7 @@ class DeployOptions:
     enforce_gates: bool = False
     eval_dir: str | Path | None = None
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
+    min_fidelity: FidelityFloor | str | float | dict[str, float] | None = None
 
 
 @dataclass
@@ -120,23 +125,6 @@ class Inputs:
     labels: np.ndarray | None = None
     imported: dict[str, Any] | None = None
     validation: CalibrationSet | None = None
-
-
-@dataclass
-class TargetResult:
-    """One target's outcome (the ``targets.<name>`` entry of ``report.json``)."""
-
-    target: str
-    artifact: str
-    size_bytes: dict[str, int | None]
-    fidelity: dict[str, Any]
-    verified_by: str
-    notes: list[str]
-    extra: dict[str, Any]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "artifact": self.artifact, "size_bytes": self.size_bytes,
-                "fidelity": self.fidelity, "verified_by": self.verified_by, "notes": self.notes, **self.extra}
 
 
 @dataclass
@@ -313,6 +301,10 @@ def _user_calibration(calib: Any, ref: onnx.ModelProto) -> CalibrationSet:
 
 
 def _looks_like_classifier(model: onnx.ModelProto) -> bool:
+    """One rank-2 ``[N, C]`` output with C >= 2: class scores. Several outputs (a detector's scores and
+    boxes, a recurrent model's state) are judged output by output (:mod:`deployer.judge`)."""
+    if len(model.graph.output) != 1:
+        return False
     out = model.graph.output[0].type.tensor_type
     dims = [d.dim_value for d in out.shape.dim]
     return len(dims) == 2 and dims[1] > 1
@@ -461,6 +453,9 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
         BadInputError: the first problem found.
     """
     opts = _checked_recovery(opts)
+    opts = dataclasses.replace(opts, min_fidelity=FidelityFloor.parse(opts.min_fidelity))
+    if opts.fidelity_target is not None and not 0.0 < float(opts.fidelity_target) <= 1.0:
+        raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
     if targets is None:
         targets = resolve_targets(opts.targets, discover())
     if not with_plan and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):
@@ -689,19 +684,24 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         the_plan.save(tmp / "plan.json")
         if stats is not None:
             stats.save(tmp / "statistics.json")
+        shared = Shared()
+        floor = FidelityFloor.parse(opts.min_fidelity)
+        errors: dict[str, DeployerError] = {}
         for t in targets:
             log(f"lowering to {t} ...")
-            target_plan = for_policy(the_plan, getattr(backends[t], "qdq_policy", None), inputs.reference)
-            honours = getattr(backends[t], "honours_rounding", None)  # per-option grid (tflite, onnxruntime)
-            if target_plan.rounding and honours is not None and not honours(opts.backend_options):
-                target_plan = dataclasses.replace(target_plan, rounding={})
-            ctx = LoweringContext(prepared if target_plan is the_plan else prepare_for_lowering(inputs.reference,
-                                                                                                target_plan),
-                                  target_plan, tmp, inputs.calibration, dict(opts.backend_options),
-                                  fp32_reference=inputs.reference)
-            results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
-            for gate in results[t].extra.get("gates", {}).values():
-                gate["enforced"] = bool(opts.enforce_gates)  # reported always; exit 1 only when enforced
+            tplan = target_plan(backends[t], the_plan, inputs.reference, opts.backend_options)
+            try:
+                results[t] = deliver(backends[t], the_plan, inputs, opts, tmp, ref_out, out_names, floor,
+                                     escalate_ok=loaded_plan is None, shared=shared, progress=progress, log=log)
+            except DeployerError as e:  # this target cannot deliver; the others still do
+                errors[t] = e
+                shutil.rmtree(tmp / t, ignore_errors=True)
+                log(f"{t}: failed (exit {e.exit_code}): {' '.join(str(e).split())[:200]}")
+                results[t] = failed_target(t, e)
+                continue
+            for name, gate in results[t].extra.get("gates", {}).items():
+                if name != FLOOR_GATE:  # reported always; exit 1 only when enforced (the floor always is)
+                    gate["enforced"] = bool(opts.enforce_gates)
             if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference):
                 seen = the_plan.calibration.get("input_shapes") or {}
                 shown = "; ".join(f"{n}: {v}" for n, v in seen.items()) or "none recorded in the plan"
@@ -709,14 +709,16 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                     f"symbolic input dims stay dynamic in the artifact ({t} resizes per input; calibration shapes "
                     f"seen: {shown})"
                     + ("; --input-shapes is not used by this target" if opts.backend_options.get("input_shapes") else ""))
-            if the_plan.smoothing and not target_plan.smoothing:
+            if the_plan.smoothing and not tplan.smoothing:
                 results[t].notes.append(f"the plan's SmoothQuant factors ({len(the_plan.smoothing)} tensors) are not "
                                         f"applied on {t}: its per-tensor MatMul/Gemm weights cannot absorb the "
                                         f"migrated outliers")
-            dropped = sorted(set(the_plan.rounding) - set(target_plan.rounding))
+            dropped = sorted(set(the_plan.rounding) - set(tplan.rounding))
             if dropped:
                 results[t].notes.append(f"AdaRound bits of {len(dropped)} node(s) not applied on {t} (its weights there "
                                         f"are per-tensor or on another grid; round to nearest): {dropped[:5]}")
+        if len(errors) == len(targets):  # nothing delivered: the worst error, and no output is written
+            raise max(errors.values(), key=lambda e: e.exit_code)
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
         if plan_warning:
             report["warnings"] = [plan_warning]
@@ -729,7 +731,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
 
         write_html(report, tmp)
     result = DeployResult(out_dir, out_dir / "plan.json", out_dir / "report.json", results, report)
-    failing = {t: failed(r.extra.get("gates", {})) for t, r in results.items()}
+    failing = {t: [g for g in failed(r.extra.get("gates", {})) if g != FLOOR_GATE]
+               for t, r in results.items()}
     failing = {t: g for t, g in failing.items() if g}
     if opts.enforce_gates and failing:
         raise GateFailedError(f"release gate(s) failed: {failing}; see {result.report_path} (outputs were written)",
@@ -803,61 +806,6 @@ def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto) -> dict[
         return layer_errors(inputs.reference, plan, inputs.heldout, lower_from=prepared)
     except DeployerError as e:
         return {"method": "not computed", "error": str(e), "samples": 0, "layers": []}
-
-
-def _lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[np.ndarray]], out_names: list[str],
-                      inputs: Inputs, tmp: Path, progress: Progress) -> TargetResult:
-    art = backend.lower(ctx)
-    fid: dict[str, Any] = {}
-    outputs = None
-    if art.run is not None:
-        outputs = art.run(inputs.heldout)
-        fid = fidelity(ref_out, outputs, out_names, inputs.task)
-    fp32_size = art.fp32_path.stat().st_size if art.fp32_path and art.fp32_path.exists() else None
-    size: dict[str, Any] = {"fp32": fp32_size, "artifact": art.path.stat().st_size}
-    if fp32_size:
-        size["ratio"] = round(size["artifact"] / fp32_size, 4)
-    extra = {k: v for k, v in art.extra.items()}
-    if art.throughput is not None:
-        extra["throughput_qps"] = art.throughput(inputs.heldout)
-    if outputs is not None:
-        fid.update(_task_metrics(inputs, ref_out, outputs))
-        if inputs.labels is not None:
-            extra["labelled"] = {"fp32": labelled_metrics(ref_out, inputs.labels),
-                                 "artifact": labelled_metrics(outputs, inputs.labels)}
-    entry = {"fidelity": fid, "size_bytes": size, **extra}
-    extra["gates"] = evaluate_gates(entry)
-    return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, fid, art.verified_by, art.notes, extra)
-
-
-_FP32_TASK: dict[int, dict[str, float]] = {}
-
-
-def _task_metrics(inputs: Inputs, ref_out: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> dict[str, Any]:
-    """The example's or user's task metric for the artifact, FP32's, and their ratio (``*_relative``)."""
-    if inputs.metric is None:
-        return {}
-    key = id(ref_out)
-    if key not in _FP32_TASK:
-        _FP32_TASK.clear()
-        _FP32_TASK[key] = inputs.metric(ref_out)
-    fp32 = _FP32_TASK[key]
-    art = inputs.metric(outputs)
-    out: dict[str, Any] = {}
-    for name, v in art.items():
-        out[name] = v
-        out[f"{name}_fp32"] = fp32.get(name)
-        if fp32.get(name):
-            out[f"{name}_relative"] = round(v / fp32[name], 6)
-    return out
-
-
-def labelled_metrics(outputs: list[list[np.ndarray]], labels: np.ndarray) -> dict[str, float]:
-    """Accuracy and macro recall of arg-max predictions of output 0 against integer labels."""
-    pred = np.array([int(np.argmax(o[0])) for o in outputs])
-    lab = labels.astype(np.int64)
-    recalls = [float(np.mean(pred[lab == c] == c)) for c in np.unique(lab)]
-    return {"accuracy": round(float(np.mean(pred == lab)), 6), "recall": round(float(np.mean(recalls)), 6)}
 
 
 def build_report(plan: QuantPlan, inputs: Inputs, results: dict[str, TargetResult], out: Path,

@@ -83,8 +83,11 @@ def format_fidelity(fid: dict[str, Any]) -> str:
     for k in ("top1_agreement", "cosine_mean"):
         if isinstance(fid.get(k), (int, float)):
             parts.append(f"{k} {fid[k]:.4f}")
-    for name, v in (fid.get("sqnr_db") or {}).items():
-        parts.append(f"SQNR({name}) {v:.1f} dB" if isinstance(v, (int, float)) else f"SQNR({name}) {v}")
+    for name, rec in (fid.get("outputs") or {}).items():
+        v = rec.get("sqnr_db")
+        extra = f" {rec['metric']} {rec['value']}" if rec.get("metric") not in (None, "sqnr_db") else ""
+        parts.append(f"{name} [{rec.get('kind')}]{extra} SQNR {v:.1f} dB" if isinstance(v, (int, float))
+                     else f"{name} [{rec.get('kind')}]{extra} SQNR inf")
     if "samples" in fid:
         parts.append(f"{fid['samples']} samples")
     return ", ".join(parts) or "not measured"

@@ -1,11 +1,14 @@
 """Fidelity metrics of an artifact against the FP32 reference, on held-out samples.
 
 Standard names: ``top1_agreement`` (classifiers: fraction of samples whose arg-max class equals
-FP32's), ``cosine_mean`` (embeddings: mean cosine similarity per sample), ``sqnr_db`` per output
-(signal-to-quantization-noise ratio, ``10 log10(sum(ref^2) / sum((ref - out)^2))``; null when identical).
+FP32's), ``cosine_mean`` (mean cosine similarity per sample), ``sqnr_db`` (signal-to-quantization-noise
+ratio, ``10 log10(sum(ref^2) / sum((ref - out)^2))``; null when identical). Per-output records and the
+choice of metric per output live in :mod:`deployer.judge`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -36,28 +39,19 @@ def cosine_mean(ref: np.ndarray, out: np.ndarray) -> float:
 
 
 def fidelity(ref_outputs: list[list[np.ndarray]], outputs: list[list[np.ndarray]], output_names: list[str],
-             task: str) -> dict[str, object]:
-    """Metrics for one artifact.
+             task: str, input_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
+    """Metrics for one artifact: every output judged with the metric for its kind, the worst one as summary.
 
     Args:
         ref_outputs / outputs: per sample, the list of outputs (graph order).
-        task: ``classification`` (adds top1_agreement on output 0), ``embedding`` (cosine_mean), or
-            ``generic`` (SQNR only).
-    """
-    res: dict[str, object] = {}
-    def stack(rows: list[np.ndarray]) -> np.ndarray:
-        # outputs of different shapes (dynamic sequence length): one flat vector per sample
-        same = len({np.shape(r)[1:] for r in rows}) <= 1
-        return np.concatenate(rows) if same else np.concatenate([np.ravel(r)[None] for r in rows], axis=1)
+        task: ``classification`` (top1_agreement on output 0), ``embedding`` (cosine on output 0), or
+            ``generic`` (each output's kind inferred from its FP32 values, :mod:`deployer.judge`).
+        input_shapes: graph input name -> shape (recognises recurrent state outputs).
 
-    stacked_ref = [stack([r[i] for r in ref_outputs]) for i in range(len(output_names))]
-    stacked = [stack([o[i] for o in outputs]) for i in range(len(output_names))]
-    if task == "classification":
-        res["top1_agreement"] = round(top1_agreement(stacked_ref[0], stacked[0]), 6)
-    elif task == "embedding":
-        res["cosine_mean"] = round(cosine_mean(stacked_ref[0], stacked[0]), 6)
-    # identical outputs have infinite SQNR: written as null so report.json stays strict JSON
-    res["sqnr_db"] = {n: (round(v, 3) if np.isfinite(v) else None)
-                      for n, r, o in zip(output_names, stacked_ref, stacked) for v in [sqnr_db(r, o)]}
-    res["samples"] = len(outputs)
-    return res
+    Returns:
+        :func:`deployer.judge.judge`'s record: ``outputs.<name>`` per output; ``sqnr_db`` and ``cosine_mean``
+        of the worst output; ``top1_agreement`` for classification tasks; ``samples``.
+    """
+    from deployer.judge import judge
+
+    return judge(ref_outputs, outputs, output_names, task, input_shapes)

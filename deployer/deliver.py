@@ -1,0 +1,258 @@
+"""Lower -> verify -> floor -> verdict, for one target.
+
+Each target is delivered on its own: a target whose backend refuses the graph, or whose converter child
+process crashes, is reported as failed (``error``: exit code and one-line message; ``verdict.ships``
+false) while the other targets still deliver. A target whose artifact misses the fidelity floor
+(:class:`deployer.judge.FidelityFloor`) is escalated for that target (:mod:`deployer.escalate`); if it
+still misses, it is marked "does not ship" and the built-in ``fidelity-floor`` gate fails (exit 1).
+
+Exit codes per target (the run's is the highest): 0 ships; 1 a gate failed (the fidelity floor is
+always enforced); 2 the target cannot lower this graph or its converter crashed; 3 its backend or a
+dependency is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from backends.base import Artifact, Backend, LoweringContext
+from deployer.errors import DeployerError
+from deployer.gates import evaluate_gates
+from deployer.judge import FidelityFloor, below_floor
+from deployer.plan import Precision, QuantPlan
+from deployer.qdq import for_policy
+from deployer.verify import fidelity
+
+if TYPE_CHECKING:
+    from deployer.pipeline import DeployOptions, Inputs
+
+Progress = Callable[[str, int, int], None]
+FLOOR_GATE = "fidelity-floor"
+
+
+@dataclass
+class TargetResult:
+    """One target's outcome (the ``targets.<name>`` entry of ``report.json``)."""
+
+    target: str
+    artifact: str
+    size_bytes: dict[str, int | None]
+    fidelity: dict[str, Any]
+    verified_by: str
+    notes: list[str]
+    extra: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "artifact": self.artifact, "size_bytes": self.size_bytes,
+                "fidelity": self.fidelity, "verified_by": self.verified_by, "notes": self.notes, **self.extra}
+
+
+@dataclass
+class Shared:
+    """What every target of one run shares: the escalation order is computed once, on first need."""
+
+    order: list[dict[str, Any]] | None = None
+
+
+def target_plan(backend: Backend, plan: QuantPlan, reference: Any, options: dict[str, Any]) -> QuantPlan:
+    """``plan`` as ``backend`` lowers it under ``options`` (its Q/DQ policy; AdaRound bits it can honour)."""
+    out = for_policy(plan, getattr(backend, "qdq_policy", None), reference)
+    honours = getattr(backend, "honours_rounding", None)
+    if out.rounding and honours is not None and not honours(options):
+        out = dataclasses.replace(out, rounding={})
+    return out
+
+
+def make_context(backend: Backend, plan: QuantPlan, inputs: Inputs, options: dict[str, Any],
+                 out_dir: Path) -> LoweringContext:
+    """The lowering context of ``backend`` for ``plan`` (weight adjustments applied for that plan)."""
+    from deployer.recovery import prepare_for_lowering
+
+    tplan = target_plan(backend, plan, inputs.reference, options)
+    return LoweringContext(prepare_for_lowering(inputs.reference, tplan), tplan, out_dir, inputs.calibration,
+                           dict(options), fp32_reference=inputs.reference)
+
+
+def failed_target(name: str, error: DeployerError) -> TargetResult:
+    """The report entry of a target that could not deliver (no artifact)."""
+    msg = " ".join(str(error).split())
+    return TargetResult(name, "", {"fp32": None, "artifact": None}, {}, "not verified: no artifact", [msg],
+                        {"error": {"exit_code": error.exit_code, "message": msg},
+                         "verdict": {"ships": False, "reason": f"failed: {msg}"[:300]}, "float_nodes": []})
+
+
+def input_shapes(inputs: Inputs) -> dict[str, tuple[int, ...]]:
+    first = inputs.heldout[0] if len(inputs.heldout) else {}
+    return {k: tuple(np.shape(v)) for k, v in dict(first).items()}
+
+
+def lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[np.ndarray]], out_names: list[str],
+                     inputs: Inputs, tmp: Path) -> TargetResult:
+    """Lower ``ctx.plan`` with ``backend``, run the artifact on the held-out samples and judge every output."""
+    art: Artifact = backend.lower(ctx)
+    fid: dict[str, Any] = {}
+    outputs = None
+    if art.run is not None:
+        outputs = art.run(inputs.heldout)
+        fid = fidelity(ref_out, outputs, out_names, inputs.task, input_shapes(inputs))
+    fp32_size = art.fp32_path.stat().st_size if art.fp32_path and art.fp32_path.exists() else None
+    size: dict[str, Any] = {"fp32": fp32_size, "artifact": art.path.stat().st_size}
+    if fp32_size:
+        size["ratio"] = round(size["artifact"] / fp32_size, 4)
+    extra = {k: v for k, v in art.extra.items()}
+    extra.setdefault("float_nodes", [])
+    if art.throughput is not None:
+        extra["throughput_qps"] = art.throughput(inputs.heldout)
+    if outputs is not None:
+        fid.update(task_metrics(inputs, ref_out, outputs))
+        if inputs.labels is not None:
+            extra["labelled"] = {"fp32": labelled_metrics(ref_out, inputs.labels),
+                                 "artifact": labelled_metrics(outputs, inputs.labels)}
+    return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, fid, art.verified_by, art.notes, extra)
+
+
+_FP32_TASK: dict[int, dict[str, float]] = {}
+
+
+def task_metrics(inputs: Inputs, ref_out: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> dict[str, Any]:
+    """The example's or user's task metric for the artifact, FP32's, and their ratio (``*_relative``)."""
+    if inputs.metric is None:
+        return {}
+    key = id(ref_out)
+    if key not in _FP32_TASK:
+        _FP32_TASK.clear()
+        _FP32_TASK[key] = inputs.metric(ref_out)
+    fp32 = _FP32_TASK[key]
+    art = inputs.metric(outputs)
+    out: dict[str, Any] = {}
+    for name, v in art.items():
+        out[name] = v
+        out[f"{name}_fp32"] = fp32.get(name)
+        if fp32.get(name):
+            out[f"{name}_relative"] = round(v / fp32[name], 6)
+    return out
+
+
+def labelled_metrics(outputs: list[list[np.ndarray]], labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and macro recall of arg-max predictions of output 0 against integer labels."""
+    pred = np.array([int(np.argmax(o[0])) for o in outputs])
+    lab = labels.astype(np.int64)
+    recalls = [float(np.mean(pred[lab == c] == c)) for c in np.unique(lab)]
+    return {"accuracy": round(float(np.mean(pred == lab)), 6), "recall": round(float(np.mean(recalls)), 6)}
+
+
+def search_samples(inputs: Inputs, n: int = 32) -> list[Any]:
+    """Samples that score candidates: the example's validation split, else calibration samples (never held-out)."""
+    if inputs.validation is not None:
+        pool = inputs.validation
+    else:
+        pool = inputs.calibration
+    step = max(1, len(pool) // n)
+    return list(pool[::step][:n])
+
+
+def _escalate(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptions, floor: FidelityFloor,
+              tmp: Path, out_names: list[str], shared: Shared, progress: Progress,
+              log: Callable[[str], None]) -> tuple[QuantPlan, dict[str, Any], dict[str, Any]]:
+    """(escalated plan, backend options to lower it with, report section)."""
+    from backends.base import onnx_runner
+    from deployer.escalate import TargetScorer, escalate, layer_order, state_nodes
+
+    samples = search_samples(inputs)
+    ref = onnx_runner(inputs.reference)(samples)
+    shapes = input_shapes(inputs)
+    fid0 = fidelity(ref, ref, out_names, inputs.task, shapes)
+    state_out = [n for n, r in fid0["outputs"].items() if r["kind"] == "state"]
+    state_in = [i.name for i in inputs.reference.graph.input
+                if any(i.name.split("_")[0].lower() in o.lower() for o in state_out)] if state_out else []
+    scratch = tmp / ".escalation"
+    scratch.mkdir(exist_ok=True)
+    score = TargetScorer(backend, lambda p, o, d: make_context(backend, p, inputs, o, d), samples, ref, out_names,
+                         inputs.task, floor, dict(opts.backend_options), scratch, shapes)
+    section: dict[str, Any] = {"samples": f"{len(samples)} search samples (never the held-out set)", "tried": []}
+    options = dict(opts.backend_options)
+    try:
+        for extra_opts in getattr(backend, "escalation_options", lambda o: [])(options):
+            margin, _ = score(plan, extra_opts)
+            section["tried"].append({"options": extra_opts, "margin_db": round(margin, 3)})
+            if margin >= 0:
+                section.update({"stopped_on": "floor", "kept": [], "evaluations": score.evaluations})
+                return plan, {**options, **extra_opts}, section
+        high = getattr(backend, "escalation_precision", Precision.FP16)
+        if high is None:
+            section.update({"stopped_on": "no islands (--strict)", "kept": [], "evaluations": score.evaluations})
+            return plan, options, section
+        if shared.order is None:
+            log("fidelity floor: ranking layers (computed once, shared by every target) ...")
+            shared.order = layer_order(plan, inputs.reference, samples[:16],
+                                       state_nodes(inputs.reference, state_in, state_out),
+                                       progress=lambda d, t: progress("sensitivity", d, t))
+        order = [r["layer"] for r in shared.order]
+        res = escalate(plan, inputs.reference, order, score, high)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    section.update({k: v for k, v in res.items() if k != "plan"})
+    section["precision"] = high.value
+    return res["plan"], options, section
+
+
+def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptions, tmp: Path,
+            ref_out: list[list[np.ndarray]], out_names: list[str], floor: FidelityFloor, escalate_ok: bool,
+            shared: Shared, progress: Progress, log: Callable[[str], None]) -> TargetResult:
+    """Lower, verify, escalate below the floor, and give the verdict of one target.
+
+    Args:
+        escalate_ok: False with a user-given plan (``--plan``): nothing is escalated, a miss fails.
+
+    Raises:
+        DeployerError: the target cannot deliver (the caller records it with :func:`failed_target`).
+    """
+    options = dict(opts.backend_options)
+    res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out, out_names, inputs, tmp)
+    misses = below_floor(res.fidelity, floor) if res.fidelity else []
+    section: dict[str, Any] = {"floor": floor.to_dict(), "escalated": False}
+    if misses and escalate_ok:
+        log(f"{backend.name}: below the fidelity floor ({misses[0]}); escalating ...")
+        new_plan, new_options, esc = _escalate(backend, plan, inputs, opts, floor, tmp, out_names, shared, progress,
+                                               log)
+        section.update({"escalated": True, "escalation": esc, "before": {"misses": misses,
+                                                                        "sqnr_db": res.fidelity.get("sqnr_db")}})
+        if new_plan is not plan or new_options != options:
+            shutil.rmtree(tmp / backend.name, ignore_errors=True)
+            res = lower_and_verify(backend, make_context(backend, new_plan, inputs, new_options, tmp), ref_out,
+                                   out_names, inputs, tmp)
+            (tmp / backend.name).mkdir(parents=True, exist_ok=True)
+            new_plan.save(tmp / backend.name / "plan.json")
+            res.notes.append(f"escalated for the fidelity floor: {len(esc.get('kept', []))} layer(s) kept in "
+                             f"{esc.get('precision', 'higher precision')}"
+                             + (f", options {new_options}" if new_options != options else "")
+                             + f"; its plan is {backend.name}/plan.json")
+            misses = below_floor(res.fidelity, floor) if res.fidelity else []
+    section["misses"] = misses
+    section["passed"] = not misses
+    res.extra["fidelity_floor"] = section
+    gates = evaluate_gates({"fidelity": res.fidelity, "size_bytes": res.size_bytes, **res.extra})
+    gates[FLOOR_GATE] = ({"status": "fail", "enforced": True, "misses": misses} if misses else
+                         {"status": "pass", "enforced": True} if res.fidelity else
+                         {"status": "not applicable", "enforced": True, "reason": "artifact not run here"})
+    res.extra["gates"] = gates
+    if misses:
+        why = "below the fidelity floor" + (" (a given plan is not escalated)" if section["escalated"] is False and
+                                            not escalate_ok else " after escalation" if section["escalated"] else "")
+        res.extra["verdict"] = {"ships": False, "reason": f"{why}: {'; '.join(misses[:3])}"}
+    elif not res.fidelity:
+        res.extra["verdict"] = {"ships": True, "reason": "not verified here (no runner): fidelity not judged"}
+    else:
+        worst = res.fidelity.get("worst_output")
+        sq = res.fidelity.get("sqnr_db")
+        res.extra["verdict"] = {"ships": True, "reason": f"every output meets the floor (worst: {worst}, SQNR "
+                                                         f"{'inf' if sq is None else sq} dB, cosine "
+                                                         f"{res.fidelity.get('cosine_mean')})"}
+    return res
