@@ -32,7 +32,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
            fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
            eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
            equalize: bool = False, no_smoothquant: bool = False, adaround: float | None = None,
-           min_fidelity: Any = None, **backend_options: Any) -> "DeployResult":
+           min_fidelity: Any = None, heldout: str | Path | None = None, **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
     Args:
@@ -55,6 +55,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
             choice (``mixed``: 0.8). ``no_smoothquant``: none even where the recipe asks for it.
         equalize: cross-layer equalization before calibration (Nagel et al. 2019); off by default.
         adaround: learned weight rounding (Nagel et al. 2020) with this time budget in seconds; None = off.
+        heldout: unlabelled held-out samples (folder like ``calibration``) to verify on; not with ``eval_dir``.
         min_fidelity: the fidelity floor (:class:`deployer.judge.FidelityFloor`, ``"cosine=0.99,sqnr_db=20"``, a
             dict or a number = cosine; None = those defaults). A target below it after escalation has
             ``result.targets[name].extra["verdict"]["ships"] == False`` (the CLI exits 1).
@@ -90,7 +91,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          fidelity_target=fidelity_target, search_budget=search_budget,
                          enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
                          equalize=equalize, no_smoothquant=no_smoothquant, adaround=adaround,
-                         min_fidelity=min_fidelity, backend_options=backend_options)
+                         min_fidelity=min_fidelity, heldout_dir=heldout, backend_options=backend_options)
     return run_deploy(model, calibration, out_dir, opts, plan)
 
 

@@ -48,6 +48,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "the target is escalated, then marked 'does not ship' (exit 1)")
     p.add_argument("--eval", dest="eval_dir", metavar="DIR",
                    help="labelled held-out data: DIR/inputs/ samples + DIR/labels.npy")
+    p.add_argument("--heldout", dest="heldout_dir", metavar="DIR",
+                   help="unlabelled held-out samples (like --calib) to verify on; not with --eval")
     p.add_argument("--equalize", action="store_true",
                    help="cross-layer equalization of Conv pairs before calibration (Nagel et al. 2019; off by default)")
     p.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", nargs="?", const=DEFAULT_SMOOTHQUANT_ALPHA,
@@ -246,7 +248,8 @@ def cmd_deploy(argv: Sequence[str]) -> int:
                          bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
                          adaround=a.adaround,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
-                         enforce_gates=a.enforce_gates, eval_dir=a.eval_dir, min_fidelity=a.min_fidelity)
+                         enforce_gates=a.enforce_gates, eval_dir=a.eval_dir, min_fidelity=a.min_fidelity,
+                         heldout_dir=a.heldout_dir)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
     from deployer.errors import GateFailedError
 

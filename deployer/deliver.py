@@ -158,49 +158,83 @@ def search_samples(inputs: Inputs, n: int = 32) -> list[Any]:
     return list(pool[::step][:n])
 
 
-def _escalate(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptions, floor: FidelityFloor,
-              tmp: Path, out_names: list[str], shared: Shared, progress: Progress,
-              log: Callable[[str], None]) -> tuple[QuantPlan, dict[str, Any], dict[str, Any]]:
-    """(escalated plan, backend options to lower it with, report section)."""
+@dataclass
+class _Scoring:
+    score: Any
+    order: list[str]
+    scratch: Path
+
+
+def _scoring(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptions, floor: FidelityFloor,
+             tmp: Path, out_names: list[str], shared: Shared, progress: Progress, log: Callable[[str], None],
+             mode: str) -> _Scoring:
+    """A scorer of ``backend``'s real artifact on search samples and the shared escalation order."""
     from backends.base import onnx_runner
-    from deployer.escalate import TargetScorer, escalate, layer_order, state_nodes
+    from deployer.escalate import TargetScorer, layer_order, state_nodes
 
     samples = search_samples(inputs)
     ref = onnx_runner(inputs.reference)(samples)
     shapes = input_shapes(inputs)
-    fid0 = fidelity(ref, ref, out_names, inputs.task, shapes)
-    state_out = [n for n, r in fid0["outputs"].items() if r["kind"] == "state"]
-    state_in = [i.name for i in inputs.reference.graph.input
-                if any(i.name.split("_")[0].lower() in o.lower() for o in state_out)] if state_out else []
     scratch = tmp / ".escalation"
     scratch.mkdir(exist_ok=True)
-    score = TargetScorer(backend, lambda p, o, d: make_context(backend, p, inputs, o, d), samples, ref, out_names,
-                         inputs.task, floor, dict(opts.backend_options), scratch, shapes)
-    section: dict[str, Any] = {"samples": f"{len(samples)} search samples (never the held-out set)", "tried": []}
-    options = dict(opts.backend_options)
-    try:
-        for extra_opts in getattr(backend, "escalation_options", lambda o: [])(options):
-            margin, _ = score(plan, extra_opts)
-            section["tried"].append({"options": extra_opts, "margin_db": round(margin, 3)})
-            if margin >= 0:
-                section.update({"stopped_on": "floor", "kept": [], "evaluations": score.evaluations})
-                return plan, {**options, **extra_opts}, section
-        high = getattr(backend, "escalation_precision", Precision.FP16)
-        if high is None:
-            section.update({"stopped_on": "no islands (--strict)", "kept": [], "evaluations": score.evaluations})
-            return plan, options, section
-        if shared.order is None:
-            log("fidelity floor: ranking layers (computed once, shared by every target) ...")
-            shared.order = layer_order(plan, inputs.reference, samples[:16],
-                                       state_nodes(inputs.reference, state_in, state_out),
-                                       progress=lambda d, t: progress("sensitivity", d, t))
-        order = [r["layer"] for r in shared.order]
-        res = escalate(plan, inputs.reference, order, score, high)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    score = TargetScorer(backend, inputs.reference, lambda p, o, d: make_context(backend, p, inputs, o, d), samples, ref, out_names,
+                         inputs.task, floor, dict(opts.backend_options), scratch, shapes, mode=mode)
+    if shared.order is None:
+        fid0 = fidelity(ref, ref, out_names, inputs.task, shapes)
+        state_out = [n for n, r in fid0["outputs"].items() if r["kind"] == "state"]
+        state_in = [i.name for i in inputs.reference.graph.input
+                    if any(i.name.split("_")[0].lower() in o.lower() for o in state_out)] if state_out else []
+        log("ranking layers by sensitivity (computed once, shared by every target) ...")
+        shared.order = layer_order(plan, inputs.reference, samples[:16],
+                                   state_nodes(inputs.reference, state_in, state_out),
+                                   progress=lambda d, t: progress("sensitivity", d, t))
+    return _Scoring(score, [r["layer"] for r in shared.order], scratch)
+
+
+def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring,
+              options: dict[str, Any]) -> tuple[QuantPlan, dict[str, Any], dict[str, Any]]:
+    """(escalated plan, backend options to lower it with, report section)."""
+    from deployer.escalate import escalate
+
+    score = scoring.score
+    section: dict[str, Any] = {"samples": f"{len(score.samples)} search samples (never the held-out set)",
+                               "tried": []}
+    for extra_opts in getattr(backend, "escalation_options", lambda o: [])(options):
+        margin, _ = score(plan, extra_opts)
+        section["tried"].append({"options": extra_opts, "margin_db": round(margin, 3)})
+        if margin >= 0:
+            section.update({"stopped_on": "floor", "kept": [], "evaluations": score.evaluations})
+            return plan, {**options, **extra_opts}, section
+    high = getattr(backend, "escalation_precision", Precision.FP16)
+    if high is None:
+        section.update({"stopped_on": "no islands (--strict)", "kept": [], "evaluations": score.evaluations})
+        return plan, options, section
+    res = escalate(plan, _model_of(score), scoring.order, score, high)
     section.update({k: v for k, v in res.items() if k != "plan"})
     section["precision"] = high.value
     return res["plan"], options, section
+
+
+def _search(backend: Backend, plan: QuantPlan, scoring: _Scoring, target: float,
+            budget: int) -> tuple[QuantPlan, dict[str, Any]]:
+    """``--fidelity-target`` for this target: the fewest layers in higher precision so that *its* artifact
+    reaches ``target`` (lowest relative primary metric over the outputs) on the search samples."""
+    from deployer.mixed import search
+
+    high = getattr(backend, "escalation_precision", Precision.FP16) or Precision.FP16
+    res = search(plan, _model_of(scoring.score), scoring.score, target=target, budget=budget, high=high,
+                 order=scoring.order, reason=f"fidelity target {target} on {backend.name}: kept in {high.value}")
+    section = res.to_dict()
+    section.update({"scored_on": f"{backend.name} artifact, {len(scoring.score.samples)} search samples "
+                                 f"(never the held-out set)", "metric": "lowest relative primary metric over outputs",
+                    "precision": high.value})
+    new_plan = res.plan.with_nodes(res.plan.nodes, {**res.plan.recipe, "search": {
+        "fidelity_target": target, "budget": budget, "kept": res.kept, "target": backend.name}})
+    return new_plan, section
+
+
+def _model_of(score: Any) -> Any:
+    return score.reference_model
 
 
 def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptions, tmp: Path,
@@ -215,26 +249,48 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
         DeployerError: the target cannot deliver (the caller records it with :func:`failed_target`).
     """
     options = dict(opts.backend_options)
-    res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out, out_names, inputs, tmp)
-    misses = below_floor(res.fidelity, floor) if res.fidelity else []
-    section: dict[str, Any] = {"floor": floor.to_dict(), "escalated": False}
-    if misses and escalate_ok:
-        log(f"{backend.name}: below the fidelity floor ({misses[0]}); escalating ...")
-        new_plan, new_options, esc = _escalate(backend, plan, inputs, opts, floor, tmp, out_names, shared, progress,
-                                               log)
-        section.update({"escalated": True, "escalation": esc, "before": {"misses": misses,
-                                                                        "sqnr_db": res.fidelity.get("sqnr_db")}})
-        if new_plan is not plan or new_options != options:
-            shutil.rmtree(tmp / backend.name, ignore_errors=True)
-            res = lower_and_verify(backend, make_context(backend, new_plan, inputs, new_options, tmp), ref_out,
-                                   out_names, inputs, tmp)
-            (tmp / backend.name).mkdir(parents=True, exist_ok=True)
-            new_plan.save(tmp / backend.name / "plan.json")
-            res.notes.append(f"escalated for the fidelity floor: {len(esc.get('kept', []))} layer(s) kept in "
+    scoring: _Scoring | None = None
+    notes: list[str] = []
+    searched: dict[str, Any] | None = None
+    try:
+        if opts.fidelity_target is not None and escalate_ok:
+            log(f"{backend.name}: mixed-precision search for fidelity target {opts.fidelity_target} ...")
+            scoring = _scoring(backend, plan, inputs, opts, floor, tmp, out_names, shared, progress, log, "target")
+            plan, searched = _search(backend, plan, scoring, float(opts.fidelity_target), opts.search_budget)
+            scoring.score.mode = "floor"
+            if searched["kept_high_precision"]:
+                notes.append(f"fidelity target {opts.fidelity_target}: {len(searched['kept_high_precision'])} layer(s) "
+                             f"kept in {searched['precision']} for this target; its plan is {backend.name}/plan.json")
+        res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out, out_names,
+                               inputs, tmp)
+        misses = below_floor(res.fidelity, floor) if res.fidelity else []
+        section: dict[str, Any] = {"floor": floor.to_dict(), "escalated": False}
+        if misses and escalate_ok:
+            log(f"{backend.name}: below the fidelity floor ({misses[0]}); escalating ...")
+            if scoring is None:
+                scoring = _scoring(backend, plan, inputs, opts, floor, tmp, out_names, shared, progress, log, "floor")
+            new_plan, new_options, esc = _escalate(backend, plan, scoring, options)
+            section.update({"escalated": True, "escalation": esc,
+                            "before": {"misses": misses, "sqnr_db": res.fidelity.get("sqnr_db")}})
+            if new_plan is not plan or new_options != options:
+                shutil.rmtree(tmp / backend.name, ignore_errors=True)
+                plan, options = new_plan, new_options
+                res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out,
+                                       out_names, inputs, tmp)
+                notes.append(f"escalated for the fidelity floor: {len(esc.get('kept', []))} layer(s) kept in "
                              f"{esc.get('precision', 'higher precision')}"
-                             + (f", options {new_options}" if new_options != options else "")
+                             + (f", options {new_options}" if new_options != dict(opts.backend_options) else "")
                              + f"; its plan is {backend.name}/plan.json")
-            misses = below_floor(res.fidelity, floor) if res.fidelity else []
+                misses = below_floor(res.fidelity, floor) if res.fidelity else []
+    finally:
+        if scoring is not None:
+            shutil.rmtree(scoring.scratch, ignore_errors=True)
+    if searched is not None or section["escalated"]:
+        (tmp / backend.name).mkdir(parents=True, exist_ok=True)
+        plan.save(tmp / backend.name / "plan.json")
+    if searched is not None:
+        res.extra["mixed_precision"] = searched
+    res.notes.extend(notes)
     section["misses"] = misses
     section["passed"] = not misses
     res.extra["fidelity_floor"] = section

@@ -52,6 +52,7 @@ class TargetScorer:
     """
 
     backend: Any
+    reference_model: onnx.ModelProto
     make_ctx: ContextFactory
     samples: Sequence[Sample]
     ref_out: list[list[np.ndarray]]
@@ -62,6 +63,9 @@ class TargetScorer:
     scratch: Path
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     evaluations: int = 0
+    mode: str = "floor"
+    """``floor``: score = :func:`deployer.judge.floor_margin` (dB, >= 0 passes); ``target``: score = the
+    lowest relative primary metric over the outputs (:func:`relative_score`, a fraction of FP32)."""
 
     def __call__(self, plan: QuantPlan, options: dict[str, Any] | None = None) -> tuple[float, float]:
         self.evaluations += 1
@@ -75,7 +79,22 @@ class TargetScorer:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         worst = fid.get("sqnr_db")
-        return floor_margin(fid, self.floor), (math.inf if worst is None else float(worst))
+        value = floor_margin(fid, self.floor) if self.mode == "floor" else relative_score(fid)
+        return value, (math.inf if worst is None else float(worst))
+
+
+def relative_score(fid: dict[str, Any]) -> float:
+    """The lowest primary metric over the outputs as a fraction of FP32: top-1 / step agreement for class
+    scores and sequences, cosine for embeddings, and ``1 - 10^(-SQNR/10)`` (one minus the noise-to-signal
+    power ratio: 20 dB -> 0.99) for outputs judged by SQNR (maps, regression, state, one-element outputs,
+    where a cosine of 1.0 says nothing)."""
+    values = []
+    for rec in (fid.get("outputs") or {}).values():
+        if rec["metric"] == "sqnr_db":
+            values.append(1.0 if rec["sqnr_db"] is None else 1.0 - 10.0 ** (-float(rec["sqnr_db"]) / 10.0))
+        else:
+            values.append(float(rec[rec["metric"]]))
+    return min(values, default=1.0)
 
 
 def state_nodes(model: onnx.ModelProto, state_inputs: Sequence[str], state_outputs: Sequence[str]) -> list[str]:

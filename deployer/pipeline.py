@@ -82,6 +82,8 @@ class DeployOptions:
         min_fidelity: the fidelity floor every output of every target must reach to ship
             (:class:`deployer.judge.FidelityFloor`: ``"cosine=0.99,sqnr_db=20"``, a dict, a number = cosine;
             None = the defaults). Below it a target is escalated, then marked "does not ship" (exit 1).
+        heldout_dir: unlabelled held-out samples (a folder like ``--calib``) replacing the held-out set
+            (``--eval`` is the labelled form; giving both is an error).
         ema_momentum: EMA momentum.
         overwrite: replace an existing output directory.
         no_cache: neither read nor write the user statistics cache (``--no-cache``).
@@ -109,6 +111,7 @@ class DeployOptions:
     eval_dir: str | Path | None = None
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
     min_fidelity: FidelityFloor | str | float | dict[str, float] | None = None
+    heldout_dir: str | Path | None = None
 
 
 @dataclass
@@ -216,7 +219,10 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     cal = _user_calibration(calib, ref)
     check_runnable(ref, source)
     n = len(cal)
-    if n >= 5:
+    if opts.heldout_dir is not None:
+        held = cal
+        split = f"user calibration set: all {n} samples calibrate"
+    elif n >= 5:
         k = max(1, n // 5)
         cal, held = cal.split(n - k)
         split = f"user calibration set: first {n - k} samples calibrate, last {k} are held out"
@@ -259,6 +265,14 @@ def _with_eval(inputs: Inputs, opts: DeployOptions) -> Inputs:
     Raises:
         BadInputError: missing labels, or a label count that differs from the sample count.
     """
+    if opts.heldout_dir is not None:
+        if opts.eval_dir is not None:
+            raise BadInputError("--heldout and --eval both replace the held-out set: give --eval DIR for labelled "
+                                "data or --heldout DIR for unlabelled samples, not both")
+        held = _user_calibration(opts.heldout_dir, inputs.reference)
+        return dataclasses.replace(inputs, heldout=held,
+                                   split=f"held-out samples {opts.heldout_dir} ({len(held)} samples, unlabelled); "
+                                         f"calibration: {inputs.split}")
     if opts.eval_dir is None:
         return inputs
     root = Path(opts.eval_dir)
@@ -454,6 +468,11 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
     """
     opts = _checked_recovery(opts)
     opts = dataclasses.replace(opts, min_fidelity=FidelityFloor.parse(opts.min_fidelity))
+    if opts.heldout_dir is not None and opts.eval_dir is not None:
+        raise BadInputError("--heldout and --eval both replace the held-out set: give --eval DIR for labelled "
+                            "data or --heldout DIR for unlabelled samples, not both")
+    if opts.search_budget < 1:
+        raise BadInputError("--search-budget must be at least 1")
     if opts.fidelity_target is not None and not 0.0 < float(opts.fidelity_target) <= 1.0:
         raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
     if targets is None:
@@ -665,10 +684,6 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         if isinstance(ada, dict) and ada.get("warning"):
             plan_warning = str(ada["warning"])
             log(f"warning: {plan_warning}")
-    search_result = None
-    if opts.fidelity_target is not None:
-        log(f"mixed-precision search for fidelity target {opts.fidelity_target} ...")
-        the_plan, search_result = run_search(inputs, the_plan, opts, [backends[t] for t in targets], progress)
     ref_run = onnx_runner(inputs.reference)
     try:
         ref_out = ref_run(inputs.heldout)
@@ -717,13 +732,14 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
             if dropped:
                 results[t].notes.append(f"AdaRound bits of {len(dropped)} node(s) not applied on {t} (its weights there "
                                         f"are per-tensor or on another grid; round to nearest): {dropped[:5]}")
+        few = next((r.fidelity["warning"] for r in results.values() if r.fidelity.get("warning")), None)
+        if few:
+            log(f"warning: {few}")
         if len(errors) == len(targets):  # nothing delivered: the worst error, and no output is written
             raise max(errors.values(), key=lambda e: e.exit_code)
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
         if plan_warning:
             report["warnings"] = [plan_warning]
-        if search_result is not None:
-            report["mixed_precision"] = search_result
         log("per-layer error and report.html ...")
         report["layers"] = _layers(inputs, the_plan, prepared)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
@@ -753,49 +769,6 @@ def imported_plan(inputs: Inputs) -> QuantPlan:
         recipe={"name": "imported", "rules": [], "imported": inputs.imported["summary"]},
         nodes=inputs.imported["nodes"], ranges=inputs.imported["ranges"], provenance=provenance(),
     )
-
-
-def run_search(inputs: Inputs, plan: QuantPlan, opts: DeployOptions, backends: list[Backend],
-               progress: Progress = _noop) -> tuple[QuantPlan, dict[str, Any]]:
-    """Mixed-precision search, simulated with the first target's Q/DQ policy.
-
-    Plans are scored on the example's validation samples where it has them (disjoint from the
-    held-out set), else on up to 256 calibration samples.
-
-    Returns the new plan and the report's ``mixed_precision`` section.
-    """
-    from deployer.mixed import DEFAULT_SIMULATION_POLICY, Evaluator, relative_metric, search
-
-    if not 0.0 < float(opts.fidelity_target or 0) <= 1.0:
-        raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
-    if opts.search_budget < 1:
-        raise BadInputError("--search-budget must be at least 1")
-    policy, simulated_by = DEFAULT_SIMULATION_POLICY, "generic symmetric Q/DQ"
-    for b in backends:
-        p = getattr(b, "qdq_policy", None)
-        if p is not None:
-            policy, simulated_by = p, f"{b.name} Q/DQ policy"
-            break
-    if inputs.validation is not None:
-        search_samples = list(inputs.validation)
-        source = f"{len(search_samples)} validation samples ({inputs.validation.name})"
-    else:
-        cal = inputs.calibration  # lazy: only the chosen samples are loaded
-        search_samples = list(cal[:: max(1, len(cal) // 256)][:256])
-        source = f"{len(search_samples)} calibration samples"
-    rank_samples = search_samples[:: max(1, len(search_samples) // 32)][:32]
-    metric = relative_metric(inputs.task)
-    ev = Evaluator(inputs.reference, search_samples, policy, metric)
-    ranker = Evaluator(inputs.reference, rank_samples, policy, metric)
-    res = search(plan, inputs.reference, ev, target=float(opts.fidelity_target or 0), budget=opts.search_budget,
-                 rank_with=ranker, progress=lambda d, t: progress("sensitivity", d, t))
-    section = res.to_dict()
-    section.update({"simulated_with": simulated_by, "search_samples": f"{source} "
-                    f"(never the held-out set); sensitivity ranked on {len(rank_samples)} of them", "metric": "top1_agreement" if inputs.task == "classification"
-                    else "cosine_mean"})
-    new_plan = res.plan.with_nodes(res.plan.nodes, {**res.plan.recipe, "search": {
-        "fidelity_target": opts.fidelity_target, "budget": opts.search_budget, "kept": res.kept}})
-    return new_plan, section
 
 
 def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto) -> dict[str, Any]:
@@ -842,8 +815,19 @@ def plan_only(model: Any = None, calibration: Any = None, out: str | Path = "pla
     inputs = equalized(load_inputs(model, calibration, opts), opts)
     stats = compute_statistics(inputs, opts, progress)
     p = make_plan(inputs, stats, opts)
-    if opts.fidelity_target is not None:
-        p, _ = run_search(inputs, p, opts, [], progress)
+    if opts.fidelity_target is not None:  # no target to score: the generic symmetric Q/DQ simulation
+        from deployer.deliver import search_samples
+        from deployer.mixed import DEFAULT_SIMULATION_POLICY, Evaluator, relative_metric, search
+
+        samples = search_samples(inputs, 256)
+        metric = relative_metric(inputs.task)
+        res = search(p, inputs.reference, Evaluator(inputs.reference, samples, DEFAULT_SIMULATION_POLICY, metric),
+                     target=float(opts.fidelity_target), budget=opts.search_budget,
+                     rank_with=Evaluator(inputs.reference, samples[:32], DEFAULT_SIMULATION_POLICY, metric),
+                     progress=lambda d, t: progress("sensitivity", d, t))
+        p = res.plan.with_nodes(res.plan.nodes, {**res.plan.recipe, "search": {
+            "fidelity_target": opts.fidelity_target, "budget": opts.search_budget, "kept": res.kept,
+            "target": "generic simulation (deploy plan)"}})
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         p.save(tmp)
