@@ -652,6 +652,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
 
         check_input_names(inputs.reference, opts.backend_options["input_shapes"])
     log(f"model: {inputs.source}; {len(inputs.calibration)} calibration / {len(inputs.heldout)} held-out samples")
+    refused = precheck_targets(backends, targets, inputs.reference, opts, log)
+    targets = [t for t in targets if t not in refused]
     if loaded_plan is not None:
         from deployer.graph import GraphView
 
@@ -701,7 +703,9 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
             stats.save(tmp / "statistics.json")
         shared = Shared()
         floor = FidelityFloor.parse(opts.min_fidelity)
-        errors: dict[str, DeployerError] = {}
+        errors: dict[str, DeployerError] = dict(refused)
+        for t, err in refused.items():
+            results[t] = failed_target(t, err)
         for t in targets:
             log(f"lowering to {t} ...")
             tplan = target_plan(backends[t], the_plan, inputs.reference, opts.backend_options)
@@ -735,7 +739,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         few = next((r.fidelity["warning"] for r in results.values() if r.fidelity.get("warning")), None)
         if few:
             log(f"warning: {few}")
-        if len(errors) == len(targets):  # nothing delivered: the worst error, and no output is written
+        if len(errors) == len(results):  # nothing delivered: the worst error, and no output is written
             raise max(errors.values(), key=lambda e: e.exit_code)
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
         if plan_warning:
@@ -754,6 +758,37 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         raise GateFailedError(f"release gate(s) failed: {failing}; see {result.report_path} (outputs were written)",
                               result=result)
     return result
+
+
+def precheck_targets(backends: dict[str, Backend], targets: Sequence[str], model: onnx.ModelProto,
+                     opts: DeployOptions, log: Callable[[str], None]) -> dict[str, DeployerError]:
+    """Before any calibration: each target whose backend has ``precheck(model, options)`` (e.g. TFLite's
+    conversion check) says whether it can lower this graph. Returns the refusing targets with their error;
+    with every target refusing, raises the worst error (nothing is written).
+
+    Raises:
+        DeployerError: every requested target refuses the graph.
+    """
+    refused: dict[str, DeployerError] = {}
+    for t in targets:
+        check = getattr(backends[t], "precheck", None)
+        if check is None:
+            continue
+        try:
+            findings = check(model, dict(opts.backend_options))
+        except DeployerError as e:
+            refused[t] = e
+            continue
+        errors = [f for f in findings if f.severity == "error"]
+        if errors:
+            refused[t] = UnsupportedModelError(f"target {t} cannot lower this graph: {errors[0]}"
+                                               + (f" (+{len(errors) - 1} more; `deploy check --target {t}` lists them)"
+                                                  if len(errors) > 1 else ""))
+    for t, err in refused.items():
+        log(f"{t}: refused before calibration: {' '.join(str(err).split())[:200]}")
+    if refused and len(refused) == len(targets):
+        raise max(refused.values(), key=lambda e: e.exit_code)
+    return refused
 
 
 def imported_plan(inputs: Inputs) -> QuantPlan:
