@@ -62,7 +62,7 @@ def test_every_target_says_what_it_chose_and_verifies_every_size(deployed: Path)
     t = report["targets"]
     assert set(t) == {"tflite", "tensorrt", "ascend", "onnxruntime"}
     for name, r in t.items():
-        assert r["fidelity"]["samples"] == 6 and r["fidelity"]["sqnr_db"]["y"] > 25, (name, r["fidelity"])  # 3 sizes
+        assert r["fidelity"]["samples"] == 6 and r["fidelity"]["outputs"]["y"]["sqnr_db"] > 25, (name, r["fidelity"])  # 3 sizes
     assert any("optimization profile: x: 1x3x12x12/1x3x20x20/1x3x20x20 (calibration shapes seen)" in n
                for n in t["tensorrt"]["notes"])
     assert "--minShapes=x:1x3x12x12" in (deployed / "tensorrt" / "build_engine.sh").read_text()
@@ -95,7 +95,7 @@ def test_metrics_on_outputs_of_different_lengths() -> None:
     ref = [[rng.normal(size=(1, n, 4)).astype(np.float32)] for n in (3, 5, 7)]
     got = [[r[0] + 0.01] for r in ref]
     res = fidelity(ref, got, ["h"], "generic")
-    assert res["samples"] == 3 and 30 < res["sqnr_db"]["h"] < 45
+    assert res["samples"] == 3 and 30 < res["outputs"]["h"]["sqnr_db"] < 45
 
 
 def test_given_shapes_must_fit_the_model_and_seen_shapes_must_be_well_formed() -> None:

@@ -83,7 +83,7 @@ def test_deploy_with_equalize_records_it_and_stays_faithful(tmp_path) -> None:  
 
     assert "cross_layer_equalization" in QuantPlan.load(res.plan_path).recipe["recovery"]
     fid = res.targets["tensorrt"].fidelity
-    assert min(fid["sqnr_db"].values()) > 20, fid
+    assert fid["sqnr_db"] > 20, fid
 
 
 def test_tflite_lowers_the_equalized_relu6_min_with_one_scale(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -98,4 +98,4 @@ def test_tflite_lowers_the_equalized_relu6_min_with_one_scale(tmp_path) -> None:
     res = deploy(str(path), samples, targets="tflite", out_dir=tmp_path / "out", equalize=True, no_cache=True)
     t = res.targets["tflite"]
     assert any(d["op"] == "MINIMUM" for d in t.extra["plan_deviations"])
-    assert min(t.fidelity["sqnr_db"].values()) > 20, t.fidelity  # 2.3 dB before the MINIMUM rule
+    assert t.fidelity["sqnr_db"] > 20, t.fidelity  # 2.3 dB before the MINIMUM rule

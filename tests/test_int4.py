@@ -60,7 +60,7 @@ def test_onnxruntime_lowers_int4_to_matmulnbits(tmp_path) -> None:  # type: igno
     art = onnx.load(str(res.out_dir / r.artifact))
     ops = [n.op_type for n in art.graph.node]
     assert ops.count("MatMulNBits") == 2 and "Gemm" not in ops and "QuantizeLinear" not in ops
-    assert min(r.fidelity["sqnr_db"].values()) > 15  # 4-bit weights: close to FP32, not equal
+    assert r.fidelity["sqnr_db"] > 15  # 4-bit weights: close to FP32, not equal
     assert r.size_bytes["artifact"] < 0.35 * r.size_bytes["fp32"]
 
 

@@ -175,7 +175,7 @@ def test_int8_tflite_is_integer_and_close_to_fp32(lowered) -> None:
     # the matrix products and the GELU compute in integer; whatever stays float is reported
     floats = {f["op"] for f in tfl.extra["float_ops"]}
     assert not floats & {"FULLY_CONNECTED", "BATCH_MATMUL", "GELU", "SOFTMAX"}, floats
-    assert min(tfl.fidelity["sqnr_db"].values()) > 20.0, tfl.fidelity
+    assert tfl.fidelity["sqnr_db"] > 20.0, tfl.fidelity
     # the padding mask reached the int8 ADD with a usable scale (not the float32 minimum's ~1e36)
     assert any(d["op"] == "ADD" and "attention mask" in d["reason"] for d in tfl.extra["plan_deviations"])
 
