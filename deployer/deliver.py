@@ -25,7 +25,8 @@ import numpy as np
 from backends.base import Artifact, Backend, LoweringContext
 from deployer.errors import DeployerError
 from deployer.gates import evaluate_gates
-from deployer.judge import FidelityFloor, below_floor
+from deployer.escalate import SAFETY_DB
+from deployer.judge import FidelityFloor, below_floor, floor_margin
 from deployer.plan import Precision, QuantPlan
 from deployer.qdq import for_policy
 from deployer.verify import fidelity
@@ -191,8 +192,8 @@ def _scoring(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOpti
     return _Scoring(score, [r["layer"] for r in shared.order], scratch)
 
 
-def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring,
-              options: dict[str, Any]) -> tuple[QuantPlan, dict[str, Any], dict[str, Any]]:
+def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring, options: dict[str, Any],
+              deficit_db: float) -> tuple[QuantPlan, dict[str, Any], dict[str, Any]]:
     """(escalated plan, backend options to lower it with, report section)."""
     from deployer.escalate import escalate
 
@@ -202,14 +203,14 @@ def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring,
     for extra_opts in getattr(backend, "escalation_options", lambda o: [])(options):
         margin, _ = score(plan, extra_opts)
         section["tried"].append({"options": extra_opts, "margin_db": round(margin, 3)})
-        if margin >= 0:
+        if margin >= deficit_db + SAFETY_DB:
             section.update({"stopped_on": "floor", "kept": [], "evaluations": score.evaluations})
             return plan, {**options, **extra_opts}, section
     high = getattr(backend, "escalation_precision", Precision.FP16)
     if high is None:
         section.update({"stopped_on": "no islands (--strict)", "kept": [], "evaluations": score.evaluations})
         return plan, options, section
-    res = escalate(plan, _model_of(score), scoring.order, score, high)
+    res = escalate(plan, _model_of(score), scoring.order, score, high, deficit_db=deficit_db)
     section.update({k: v for k, v in res.items() if k != "plan"})
     section["precision"] = high.value
     return res["plan"], options, section
@@ -269,7 +270,8 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
             log(f"{backend.name}: below the fidelity floor ({misses[0]}); escalating ...")
             if scoring is None:
                 scoring = _scoring(backend, plan, inputs, opts, floor, tmp, out_names, shared, progress, log, "floor")
-            new_plan, new_options, esc = _escalate(backend, plan, scoring, options)
+            new_plan, new_options, esc = _escalate(backend, plan, scoring, options,
+                                                   -floor_margin(res.fidelity, floor))
             section.update({"escalated": True, "escalation": esc,
                             "before": {"misses": misses, "sqnr_db": res.fidelity.get("sqnr_db")}})
             if new_plan is not plan or new_options != options:

@@ -475,8 +475,13 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
         raise BadInputError("--search-budget must be at least 1")
     if opts.fidelity_target is not None and not 0.0 < float(opts.fidelity_target) <= 1.0:
         raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
+    backends = discover()
     if targets is None:
-        targets = resolve_targets(opts.targets, discover())
+        targets = resolve_targets(opts.targets, backends)
+    for t in targets:  # backend options (e.g. --soc-version) are refused before any model work
+        validate = getattr(backends.get(t), "validate_options", None)
+        if validate is not None:
+            validate(dict(opts.backend_options))
     if not with_plan and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):
         no_int4 = [t for t in targets if t in ("tflite", "tensorrt", "ascend")]
         if no_int4:  # the same refusal the backend would give

@@ -168,17 +168,39 @@ def test_heldout_dir_replaces_the_held_out_split(tmp_path: Path) -> None:
     assert report["targets"]["onnxruntime"]["fidelity"]["samples"] == 7
 
 
-def test_a_target_that_cannot_lower_fails_alone(tmp_path: Path) -> None:
-    """With several targets, one refusing target is reported failed (exit 2) while the others deliver."""
-    model = scores_and_boxes(tmp_path / "head.onnx")
-    calib = write_samples(tmp_path / "calib", {"x": (1, 3, 8, 8)}, 20)
+def test_a_target_that_cannot_deliver_fails_alone(tmp_path: Path) -> None:
+    """With several targets, one target that cannot deliver (here tflite under --strict, whose int8 DIV
+    stays float) is reported failed with its own code while the others deliver; the run's code is the worst."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+             helper.make_node("Abs", ["h"], ["a"], name="abs"),
+             helper.make_node("Add", ["a", "one"], ["den"], name="add"),
+             helper.make_node("Div", ["h", "den"], ["y"], name="div")]
+    one = numpy_helper.from_array(np.array(1.0, np.float32), "one")
+    g = helper.make_graph(nodes, "div", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w, one])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    model = tmp_path / "div.onnx"
+    model.write_bytes(m.SerializeToString())
+    calib = write_samples(tmp_path / "calib", {"x": (1, 8)}, 20)
     out = tmp_path / "out"
-    rc = _run("--model", str(model), "--calib", str(calib), "--target", "tensorrt,ascend", "--out", str(out),
-              "--soc-version", "Ascend999")
-    assert rc == 2
+    rc = _run("--model", str(model), "--calib", str(calib), "--target", "tensorrt,tflite", "--out", str(out),
+              "--strict")
+    assert rc == 1
     report = json.loads((out / "report.json").read_text())
     assert report["targets"]["tensorrt"]["verdict"]["ships"] is True
-    failed = report["targets"]["ascend"]
-    assert failed["verdict"]["ships"] is False and failed["error"]["exit_code"] == 2
-    assert "Ascend999" in failed["error"]["message"]
-    assert (out / "tensorrt").is_dir() and not (out / "ascend").exists()
+    failed = report["targets"]["tflite"]
+    assert failed["verdict"]["ships"] is False and failed["error"]["exit_code"] == 1
+    assert "--strict" in failed["error"]["message"]
+    assert (out / "tensorrt").is_dir() and not (out / "tflite").exists()
+
+
+def test_an_unknown_soc_version_is_refused_before_model_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["--model", str(tmp_path / "never-read.onnx"), "--calib", str(tmp_path), "--target", "tensorrt,ascend",
+                 "--out", str(out), "--soc-version", "Ascend999"]) == 2
+    assert "Ascend999" in capsys.readouterr().err and not out.exists()

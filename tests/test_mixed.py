@@ -169,7 +169,8 @@ def test_failed_gate_sets_exit_code_only_when_enforced(tmp_path) -> None:  # typ
     onnx.save(_mlp(), path)
     res = deploy(str(path), _samples(), targets="tensorrt", out_dir=tmp_path / "o", no_cache=True)
     gates = res.report["targets"]["tensorrt"]["gates"]
-    assert gates and all(g["enforced"] is False for g in gates.values())
+    assert gates and all(g["enforced"] is False for n, g in gates.items() if n != "fidelity-floor")
+    assert gates["fidelity-floor"]["enforced"] is True  # the floor is always enforced
     failing = {"targets": {"t": {"gates": {"speed-per-fidelity": {"status": FAIL, "enforced": False}}}}}
     assert exit_code_for_report(failing) == 0
     failing["targets"]["t"]["gates"]["speed-per-fidelity"]["enforced"] = True

@@ -185,6 +185,14 @@ class AscendBackend:
         """Every Ascend rule ``model`` breaks (see :mod:`backends.ascend.checker`)."""
         return check_model(model)
 
+    def validate_options(self, options: dict[str, Any]) -> None:
+        """Checked before any model work: ``soc_version`` must be a SoC CANN's ATC knows.
+
+        Raises:
+            BadInputError: unknown SoC (the message lists the known ones).
+        """
+        validate_soc(options.get("soc_version") or DEFAULT_SOC_VERSION)
+
     def lower(self, ctx: LoweringContext) -> Artifact:
         refuse_int4(ctx.plan, "ascend", "Ascend's ATC/AMCT quantization does not take (int8 weights only)")
         opts = ctx.options
