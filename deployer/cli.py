@@ -24,6 +24,17 @@ from deployer.recovery import DEFAULT_SMOOTHQUANT_ALPHA
 ADAROUND_BUDGET_S = AdaRoundConfig().time_budget_s
 
 SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill")
+SUBCOMMAND_HELP = {
+    "deploy": "calibrate, plan, lower to --target and verify (the default when no command is given)",
+    "plan": "calibrate and write the plan only (plan.json)",
+    "check": "check an ONNX graph against a target's rules, before any calibration",
+    "inspect": "print a plan as a table",
+    "verify": "re-verify an existing artifact against FP32",
+    "targets": "list the targets and whether each can run here",
+    "examples": "list the built-in examples",
+    "recommend": "recommend a compression route for a deployment (the seed's selection rules)",
+    "distill": "distil a teacher into a small student",
+}
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -68,7 +79,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="deploy", description="Quantize once, lower to tflite / tensorrt / ascend, verify.")
+    commands = "\n".join(f"  {name:<10} {SUBCOMMAND_HELP.get(name, '')}" for name in SUBCOMMANDS)
+    p = argparse.ArgumentParser(
+        prog="deploy", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantize once, lower to tflite / tensorrt / ascend / onnxruntime, verify each artifact.",
+        epilog=f"commands (deploy COMMAND --help for each):\n{commands}\n\nexit codes: 0 ships, 1 a gate or the "
+               f"fidelity floor failed, 2 bad input, 3 a backend is missing, 4 internal error, 130/143 interrupted")
+    p.add_argument("--version", action="version", version=f"deploy {_version()}")
     _common(p)
     p.add_argument("--target", default="all", help="tflite,tensorrt,ascend or all (comma-separated)")
     p.add_argument("--out", default="deploy-out", metavar="DIR", help="output directory (default deploy-out)")
@@ -377,8 +394,29 @@ def _usage_error(self: argparse.ArgumentParser, message: str) -> None:
     raise BadInputError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
+def _version() -> str:
+    from deployer import __version__
+
+    return __version__
+
+
 def _dispatch(args: list[str]) -> int:
-    """Run the subcommand named by ``args[0]`` (default: deploy)."""
+    """Run the subcommand named by ``args[0]`` (default: deploy).
+
+    Raises:
+        BadInputError: an unknown command word (with the closest command as a suggestion).
+    """
+    if args and args[0] in ("--version", "-V"):
+        print(f"deploy {_version()}")
+        return 0
+    if args and not args[0].startswith("-") and args[0] not in SUBCOMMANDS:
+        import difflib
+
+        from deployer.errors import BadInputError
+
+        close = difflib.get_close_matches(args[0], SUBCOMMANDS, n=1, cutoff=0.6)
+        hint = f"did you mean `deploy {close[0]}`?" if close else f"commands: {', '.join(SUBCOMMANDS)}"
+        raise BadInputError(f"unknown command {args[0]!r}; {hint} (see `deploy --help`)")
     if args and args[0] == "targets":
         return cmd_targets(args[1:])
     if args and args[0] == "examples":
@@ -401,6 +439,11 @@ def _dispatch(args: list[str]) -> int:
         return commands.cmd_inspect(args[1:]) if args[0] == "inspect" else commands.cmd_verify(args[1:])
     if args and args[0] == "deploy":
         return cmd_deploy(args[1:])
+    if not args or all(a in ("--quiet", "--json", "--verbose") for a in args):
+        if not ("--quiet" in args or "--json" in args):
+            print("deploy: no options given: quantizing the built-in example (EfficientNet-Lite0, real ImageNet "
+                  "weights) for tflite, tensorrt and ascend into deploy-out/ (a few minutes); Ctrl-C stops it, "
+                  "`deploy --help` lists the options", file=sys.stderr)
     return cmd_deploy(args)
 
 
