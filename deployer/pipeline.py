@@ -206,7 +206,7 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     elif hasattr(model, "forward") and hasattr(model, "eval"):
         if calib is None:
             raise BadInputError("a torch.nn.Module needs calibration samples (their shapes fix the export)")
-        first = next(iter(calib))
+        first = _first_sample(Path(calib)) if isinstance(calib, (str, Path)) else next(iter(calib))
         example = first if isinstance(first, dict) else {"input": first}
         example = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in example.items()}
         ref = canonicalize(export_torch(model, example))
@@ -312,6 +312,32 @@ def _user_calibration(calib: Any, ref: onnx.ModelProto) -> CalibrationSet:
         calib.validate(specs)
         return calib
     return from_iterable(calib, specs)
+
+
+def _first_sample(folder: Path) -> dict[str, np.ndarray]:
+    """The first sample of a calibration folder (``.npz`` keyed by input name, ``.npy`` of a single input,
+    or ``<input>/*.npy`` subfolders): its shapes fix the export of a ``torch.nn.Module``.
+
+    Raises:
+        BadInputError: not a folder, or no ``.npy``/``.npz`` file in it.
+    """
+    from calibration.dataset import _load_array_file
+
+    if not folder.is_dir():
+        raise BadInputError(f"--calib {folder} is not a folder; give a folder of .npy/.npz samples")
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".npz", ".npy") and p.is_file())
+    if files:
+        arrays = _load_array_file(files[0])
+        return {("input" if k == "" else k): np.asarray(v) for k, v in arrays.items()}
+    subs = sorted(d for d in folder.iterdir() if d.is_dir())
+    sample = {}
+    for d in subs:
+        npy = sorted(d.glob("*.npy"))
+        if npy:
+            sample[d.name] = np.asarray(_load_array_file(npy[0])[""])
+    if not sample:
+        raise BadInputError(f"--calib {folder} holds no .npy/.npz samples; see README 'Calibration folder'")
+    return sample
 
 
 def _looks_like_classifier(model: onnx.ModelProto) -> bool:

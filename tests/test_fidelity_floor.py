@@ -204,3 +204,4 @@ def test_an_unknown_soc_version_is_refused_before_model_work(tmp_path: Path, cap
     assert main(["--model", str(tmp_path / "never-read.onnx"), "--calib", str(tmp_path), "--target", "tensorrt,ascend",
                  "--out", str(out), "--soc-version", "Ascend999"]) == 2
     assert "Ascend999" in capsys.readouterr().err and not out.exists()
+
