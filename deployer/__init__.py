@@ -11,6 +11,7 @@ Every user-facing error is a :class:`DeployerError`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +33,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
            fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
            eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
            equalize: bool = False, no_smoothquant: bool = False, adaround: float | None = None,
-           min_fidelity: Any = None, heldout: str | Path | None = None, **backend_options: Any) -> "DeployResult":
+           min_fidelity: Any = None, heldout: str | Path | None = None,
+           progress: Callable[[str, int, int], None] | None = None, **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
     Args:
@@ -55,6 +57,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
             choice (``mixed``: 0.8). ``no_smoothquant``: none even where the recipe asks for it.
         equalize: cross-layer equalization before calibration (Nagel et al. 2019); off by default.
         adaround: learned weight rounding (Nagel et al. 2020) with this time budget in seconds; None = off.
+        progress: called as ``progress(step, done, total)`` during long steps (calibration, sensitivity);
+            messages go to the ``logging`` logger ``"deployer"`` (INFO).
         heldout: unlabelled held-out samples (folder like ``calibration``) to verify on; not with ``eval_dir``.
         min_fidelity: the fidelity floor (:class:`deployer.judge.FidelityFloor`, ``"cosine=0.99,sqnr_db=20"``, a
             dict or a number = cosine; None = those defaults). A target below it after escalation has
@@ -92,7 +96,11 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
                          equalize=equalize, no_smoothquant=no_smoothquant, adaround=adaround,
                          min_fidelity=min_fidelity, heldout_dir=heldout, backend_options=backend_options)
-    return run_deploy(model, calibration, out_dir, opts, plan)
+    import logging
+
+    logger = logging.getLogger("deployer")
+    return run_deploy(model, calibration, out_dir, opts, plan, progress=progress or (lambda _s, _d, _t: None),
+                      log=logger.info)
 
 
 def _bad_shape(name: str, value: Any) -> bool:

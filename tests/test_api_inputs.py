@@ -21,3 +21,20 @@ def test_api_takes_a_torch_module_with_a_calibration_folder(tmp_path: Path, as_p
     calib = write_samples(tmp_path / "calib", {"input": (1, 6)}, 12)
     res = deployer.deploy(net, calib if as_path else str(calib), targets="onnxruntime", out_dir=tmp_path / "out")
     assert res.targets["onnxruntime"].fidelity["samples"] >= 1
+
+
+def test_api_logs_through_the_deployer_logger_and_reports_progress(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import deployer
+    from models import scores_and_boxes
+
+    model = scores_and_boxes(tmp_path / "head.onnx")
+    calib = write_samples(tmp_path / "calib", {"x": (1, 3, 8, 8)}, 12)
+    steps: list[tuple[str, int, int]] = []
+    with caplog.at_level(logging.INFO, logger="deployer"):
+        deployer.deploy(str(model), str(calib), targets="onnxruntime", out_dir=tmp_path / "out", no_cache=True,
+                        progress=lambda s, d, t: steps.append((s, d, t)))
+    assert any("lowering to onnxruntime" in r.getMessage() for r in caplog.records if r.name == "deployer")
+    assert steps and steps[-1][1] == steps[-1][2]  # calibration reported its progress to the end
