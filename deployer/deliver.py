@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 Progress = Callable[[str, int, int], None]
 FLOOR_GATE = "fidelity-floor"
+ESCALATION_ROUNDS = 2
+"""Escalation rounds per target: after each, the held-out set judges; a remaining miss raises the goal."""
 
 
 @dataclass
@@ -149,7 +151,7 @@ def labelled_metrics(outputs: list[list[np.ndarray]], labels: np.ndarray) -> dic
     return {"accuracy": round(float(np.mean(pred == lab)), 6), "recall": round(float(np.mean(recalls)), 6)}
 
 
-def search_samples(inputs: Inputs, n: int = 32) -> list[Any]:
+def search_samples(inputs: Inputs, n: int = 64) -> list[Any]:
     """Samples that score candidates: the example's validation split, else calibration samples (never held-out)."""
     if inputs.validation is not None:
         pool = inputs.validation
@@ -270,20 +272,30 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
             log(f"{backend.name}: below the fidelity floor ({misses[0]}); escalating ...")
             if scoring is None:
                 scoring = _scoring(backend, plan, inputs, opts, floor, tmp, out_names, shared, progress, log, "floor")
-            new_plan, new_options, esc = _escalate(backend, plan, scoring, options,
-                                                   -floor_margin(res.fidelity, floor))
-            section.update({"escalated": True, "escalation": esc,
+            base_plan, deficit = plan, -floor_margin(res.fidelity, floor)
+            section.update({"escalated": True, "rounds": [],
                             "before": {"misses": misses, "sqnr_db": res.fidelity.get("sqnr_db")}})
-            if new_plan is not plan or new_options != options:
+            for _ in range(ESCALATION_ROUNDS):  # the held-out set judges each round; a miss asks for more
+                new_plan, new_options, esc = _escalate(backend, base_plan, scoring, dict(opts.backend_options),
+                                                       deficit)
+                section["rounds"].append(esc)
+                section["escalation"] = esc
+                if new_plan is base_plan and new_options == dict(opts.backend_options):
+                    break
                 shutil.rmtree(tmp / backend.name, ignore_errors=True)
                 plan, options = new_plan, new_options
                 res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out,
                                        out_names, inputs, tmp)
+                misses = below_floor(res.fidelity, floor) if res.fidelity else []
+                if not misses:
+                    break
+                deficit += max(-floor_margin(res.fidelity, floor), 0.0) + SAFETY_DB
+            if plan is not base_plan or options != dict(opts.backend_options):
+                esc = section["escalation"]
                 notes.append(f"escalated for the fidelity floor: {len(esc.get('kept', []))} layer(s) kept in "
                              f"{esc.get('precision', 'higher precision')}"
-                             + (f", options {new_options}" if new_options != dict(opts.backend_options) else "")
+                             + (f", options {options}" if options != dict(opts.backend_options) else "")
                              + f"; its plan is {backend.name}/plan.json")
-                misses = below_floor(res.fidelity, floor) if res.fidelity else []
     finally:
         if scoring is not None:
             shutil.rmtree(scoring.scratch, ignore_errors=True)

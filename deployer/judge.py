@@ -22,8 +22,9 @@ Every output also gets ``cosine`` (mean per-sample cosine similarity), ``sqnr_db
 a target is its *worst* output (lowest cosine, lowest SQNR), never the first one. Agreement metrics on
 fewer than :data:`MIN_SAMPLES` samples carry a 95% Wilson confidence interval and a warning.
 
-The floor (:class:`FidelityFloor`, on by default: cosine >= 0.99 and SQNR >= 20 dB on every output) is
-what an artifact must reach against FP32 to ship. 20 dB SQNR is a noise power of 1% of the signal; a
+The floor (:class:`FidelityFloor`, on by default: cosine >= 0.99 and SQNR >= 20 dB on every output, and
+top-1 agreement >= 0.97 on class scores judged on at least 30 samples) is what an artifact must reach
+against FP32 to ship. 20 dB SQNR is a noise power of 1% of the signal; a
 cosine of 0.99 is the embedding goal of this project's issues and about 17 dB for zero-mean signals.
 """
 
@@ -55,20 +56,25 @@ class FidelityFloor:
     Attributes:
         cosine: minimum mean per-sample cosine similarity (default 0.99).
         sqnr_db: minimum SQNR in dB (default 20 dB: noise at 1% of the signal's power).
+        top1_agreement: minimum top-1 agreement of class-score outputs (default 0.97, the issues' goal for
+            classifiers), judged only on at least :data:`MIN_SAMPLES` samples (fewer: too coarse to gate on).
     """
 
     cosine: float = 0.99
     sqnr_db: float = 20.0
+    top1_agreement: float = 0.97
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.cosine) and -1.0 <= self.cosine <= 1.0):
             raise BadInputError(f"--min-fidelity cosine={self.cosine}: give a cosine in [-1, 1], e.g. cosine=0.99")
         if not math.isfinite(self.sqnr_db):
             raise BadInputError(f"--min-fidelity sqnr_db={self.sqnr_db}: give a finite number of dB, e.g. sqnr_db=20")
+        if not (math.isfinite(self.top1_agreement) and 0.0 <= self.top1_agreement <= 1.0):
+            raise BadInputError(f"--min-fidelity top1_agreement={self.top1_agreement}: give a fraction in [0, 1]")
 
     @classmethod
     def parse(cls, spec: str | float | dict[str, float] | FidelityFloor | None) -> FidelityFloor:
-        """``"cosine=0.99,sqnr_db=20"``, a dict with those keys, or a bare number (a cosine).
+        """``"cosine=0.99,sqnr_db=20,top1_agreement=0.97"``, a dict with those keys, or a bare number (a cosine).
 
         Raises:
             BadInputError: unknown key or a value that is not a number.
@@ -97,8 +103,9 @@ class FidelityFloor:
             raise BadInputError(f"min_fidelity {spec!r}: give 'cosine=0.99,sqnr_db=20', a dict or a number")
         values: dict[str, float] = {}
         for k, raw in items:
-            if k not in ("cosine", "sqnr_db"):
-                raise BadInputError(f"--min-fidelity: unknown key {k!r}; use cosine=... and/or sqnr_db=...")
+            if k not in ("cosine", "sqnr_db", "top1_agreement"):
+                raise BadInputError(f"--min-fidelity: unknown key {k!r}; use cosine=..., sqnr_db=..., "
+                                    f"top1_agreement=...")
             try:
                 values[k] = float(raw)
             except (TypeError, ValueError):
@@ -106,7 +113,7 @@ class FidelityFloor:
         return cls(**values)
 
     def to_dict(self) -> dict[str, float]:
-        return {"cosine": self.cosine, "sqnr_db": self.sqnr_db}
+        return {"cosine": self.cosine, "sqnr_db": self.sqnr_db, "top1_agreement": self.top1_agreement}
 
 
 def _stack(rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -245,13 +252,20 @@ def below_floor(fid: dict[str, Any], floor: FidelityFloor) -> list[str]:
             misses.append(f"{name}: cosine {rec['cosine']:.4f} < {floor.cosine}")
         if rec["sqnr_db"] is not None and rec["sqnr_db"] < floor.sqnr_db:
             misses.append(f"{name}: SQNR {rec['sqnr_db']:.1f} dB < {floor.sqnr_db} dB")
+        if _top1_judged(rec) and rec["top1_agreement"] < floor.top1_agreement:
+            misses.append(f"{name}: top-1 agreement {rec['top1_agreement']:.3f} < {floor.top1_agreement} "
+                          f"({rec['samples']} samples)")
     return misses
+
+
+def _top1_judged(rec: dict[str, Any]) -> bool:
+    return "top1_agreement" in rec and rec["samples"] >= MIN_SAMPLES
 
 
 def floor_margin(fid: dict[str, Any], floor: FidelityFloor) -> float:
     """How far the worst output is above the floor, in dB (>= 0: the floor holds).
 
-    The cosine criterion is expressed in dB too: ``10 log10((1 - floor) / (1 - cosine))``.
+    The cosine and top-1 criteria are expressed in dB too: ``10 log10((1 - floor) / (1 - value))``.
     """
     margin = math.inf
     for rec in (fid.get("outputs") or {}).values():
@@ -259,4 +273,7 @@ def floor_margin(fid: dict[str, Any], floor: FidelityFloor) -> float:
             margin = min(margin, rec["sqnr_db"] - floor.sqnr_db)
         gap = max(1.0 - rec["cosine"], 1e-12)
         margin = min(margin, 10.0 * math.log10(max(1.0 - floor.cosine, 1e-12) / gap))
+        if _top1_judged(rec):
+            gap = max(1.0 - rec["top1_agreement"], 1e-3)
+            margin = min(margin, 10.0 * math.log10(max(1.0 - floor.top1_agreement, 1e-3) / gap))
     return margin if math.isfinite(margin) else 1e9

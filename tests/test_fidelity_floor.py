@@ -75,7 +75,7 @@ def test_an_unreachable_floor_marks_does_not_ship_and_exits_1(tmp_path: Path) ->
     assert rc == 1
     entry = json.loads((out / "report.json").read_text())["targets"]["onnxruntime"]
     assert entry["verdict"]["ships"] is False and "after escalation" in entry["verdict"]["reason"]
-    assert entry["fidelity_floor"]["floor"] == {"cosine": 0.99, "sqnr_db": 300.0}
+    assert entry["fidelity_floor"]["floor"] == {"cosine": 0.99, "sqnr_db": 300.0, "top1_agreement": 0.97}
     assert entry["fidelity_floor"]["escalation"]["stopped_on"] == "budget"
 
 
@@ -137,9 +137,10 @@ def test_sequence_outputs_get_step_agreement() -> None:
 
 def test_min_fidelity_parsing() -> None:
     assert FidelityFloor.parse("cosine=0.995,sqnr_db=25") == FidelityFloor(0.995, 25.0)
+    assert FidelityFloor.parse("top1_agreement=0.9").top1_agreement == 0.9
     assert FidelityFloor.parse(0.98) == FidelityFloor(cosine=0.98)
     assert FidelityFloor.parse({"sqnr_db": 10}) == FidelityFloor(sqnr_db=10.0)
-    for bad in ("psnr=3", "cosine=abc", "cosine=2"):
+    for bad in ("psnr=3", "cosine=abc", "cosine=2", "top1_agreement=1.5"):
         with pytest.raises(BadInputError):
             FidelityFloor.parse(bad)
 
@@ -205,3 +206,15 @@ def test_an_unknown_soc_version_is_refused_before_model_work(tmp_path: Path, cap
                  "--out", str(out), "--soc-version", "Ascend999"]) == 2
     assert "Ascend999" in capsys.readouterr().err and not out.exists()
 
+
+
+def test_top1_floor_is_judged_only_on_enough_samples() -> None:
+    rng = np.random.default_rng(3)
+    ref = rng.standard_normal((40, 5))
+    out = ref.copy()
+    out[:3] = out[:3][:, ::-1] * 1.001  # three of 40 samples change their arg-max: agreement 0.925
+    rows = lambda a: [[x[None]] for x in a]  # noqa: E731
+    fid = judge(rows(ref), rows(out), ["logits"], "classification")
+    assert any("top-1 agreement 0.925" in m for m in below_floor(fid, FidelityFloor(cosine=-1.0, sqnr_db=-100.0)))
+    few = judge(rows(ref[:10]), rows(out[:10]), ["logits"], "classification")  # 10 samples: too coarse to gate
+    assert below_floor(few, FidelityFloor(cosine=-1.0, sqnr_db=-100.0)) == []
