@@ -12,12 +12,8 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import signal
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +33,7 @@ from deployer.errors import BackendUnavailableError, BadInputError, DeployerErro
 from deployer.gates import evaluate_gates, failed
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
+from deployer.output_dir import atomic_output, check_output_dir, check_plan_output, write_manifest
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
 from deployer.qdq import for_policy
 from deployer.recipe import decide, load_recovery, load_rules
@@ -461,6 +458,7 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
         BadInputError: the first problem found.
     """
     opts = _checked_recovery(opts)
+    _check_values(opts)
     if targets is None:
         targets = resolve_targets(opts.targets, discover())
     if not with_plan and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):
@@ -469,6 +467,40 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
             raise BadInputError(f"--recipe {opts.recipe} asks for INT4 weights, which target(s) {', '.join(no_int4)} "
                                 f"cannot lower; use --target onnxruntime for weight-only INT4, or an int8 recipe")
     return opts
+
+
+def _check_values(opts: DeployOptions) -> None:
+    """Option values checked before any model work (issue 22: ``--fidelity-target 1.5`` was refused only
+    after calibration).
+
+    Raises:
+        BadInputError: the first value out of its range.
+    """
+    if opts.fidelity_target is not None and not 0.0 < float(opts.fidelity_target) <= 1.0:
+        raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
+    if opts.search_budget < 1:
+        raise BadInputError("--search-budget must be at least 1")
+    if opts.observer not in OBSERVERS:
+        raise BadInputError(f"unknown observer {opts.observer!r}; choose one of {', '.join(OBSERVERS)}")
+    if opts.smoothquant is not None and not 0.0 <= opts.smoothquant <= 1.0:
+        raise BadInputError(f"--smoothquant {opts.smoothquant}: alpha must be in [0, 1] (the paper uses 0.5)")
+    if opts.calib_samples is not None and opts.calib_samples < 1:
+        raise BadInputError(f"--calib-samples {opts.calib_samples}: give a positive number of samples")
+    if opts.heldout_samples < 1:
+        raise BadInputError(f"--heldout-samples {opts.heldout_samples}: give a positive number of samples")
+    if not 0.0 <= opts.ema_momentum < 1.0:
+        raise BadInputError(f"--ema-momentum {opts.ema_momentum}: an EMA needs 0 <= momentum < 1")
+    if opts.eval_dir is not None and not Path(opts.eval_dir).is_dir():
+        raise BadInputError(f"--eval {opts.eval_dir}: no such folder; expected {opts.eval_dir}/inputs/ (samples) and "
+                            f"{opts.eval_dir}/labels.npy")
+
+
+def _check_paths(calibration: Any) -> None:
+    """A calibration folder given as a path must resolve to a folder (no symlink loop), before any model work."""
+    if isinstance(calibration, (str, Path)):
+        from calibration.dataset import check_calibration_folder
+
+        check_calibration_folder(calibration)
 
 
 def _checked_recovery(opts: DeployOptions) -> DeployOptions:
@@ -528,93 +560,6 @@ def provenance() -> dict[str, Any]:
     return {"deployer": __version__, "python": platform.python_version(), "libraries": versions}
 
 
-DEPLOY_OUTPUT_MARKERS = ("report.json", "plan.json", "distill_report.json")
-
-
-def check_output_dir(out_dir: Path, overwrite: bool, protected: Sequence[Any] = ()) -> None:
-    """Refuse an output directory that must not be replaced.
-
-    Raises:
-        BadInputError: it exists (without ``overwrite``), is not a directory, is the current directory
-            or one of its parents, would swallow a given input (model, calibration data), or exists,
-            is not empty and is not an earlier deploy output (no plan.json / report.json).
-    """
-    out_dir = Path(out_dir)
-    resolved = out_dir.resolve()
-    cwd = Path.cwd().resolve()
-    if str(out_dir) in ("", ".") or resolved == cwd or resolved in cwd.parents:
-        raise BadInputError(f"--out {str(out_dir)!r} is the current directory or one of its parents; "
-                            f"choose a new directory such as deploy-out")
-    for p in protected:
-        if isinstance(p, (str, Path)) and str(p):
-            src = Path(p).resolve()
-            if src == resolved or resolved in src.parents:
-                raise BadInputError(f"--out {out_dir} contains the input {p}; replacing it would delete your data; "
-                                    f"choose another --out")
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise BadInputError(f"output directory {out_dir} exists; pass --overwrite or choose another --out")
-    if not out_dir.is_dir():
-        raise BadInputError(f"output {out_dir} exists and is not a directory; remove it or choose another --out")
-    if any(out_dir.iterdir()) and not any((out_dir / m).is_file() for m in DEPLOY_OUTPUT_MARKERS):
-        raise BadInputError(f"--overwrite refuses to replace {out_dir}: it is not empty and is not a deploy output "
-                            f"(no plan.json or report.json); choose another --out")
-
-
-@contextmanager
-def atomic_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` on success.
-
-    On any exception, SIGINT or SIGTERM the temporary directory is removed and ``out_dir`` is untouched.
-
-    Raises:
-        BadInputError: ``out_dir`` exists (without ``overwrite``) or its parent is not writable.
-    """
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise BadInputError(f"cannot write to {parent} ({e.strerror}); choose a writable --out") from None
-    tmp.chmod(0o755)  # mkdtemp creates 0700; the output is meant to be shared
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    in_main = _is_main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, on_term)
-    old: Path | None = None  # a replaced output waits here until the new one is in place
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.tmp-old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        if old is not None and old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)  # interrupted between the renames: the previous output comes back
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path = "deploy-out",
                options: DeployOptions | None = None, plan: QuantPlan | str | Path | None = None,
                progress: Progress = _noop, log: Callable[[str], None] = lambda s: None) -> DeployResult:
@@ -631,6 +576,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     out_dir = Path(out_dir)
     check_output_dir(out_dir, opts.overwrite, [model, calibration, plan, opts.eval_dir])
     opts = preflight(opts, targets, with_plan=loaded_plan is not None)
+    _check_paths(calibration)
     t0 = time.perf_counter()
     inputs = equalized(load_inputs(model, calibration, opts), opts)
     if opts.backend_options.get("input_shapes"):  # refused for every target, before calibration
@@ -687,6 +633,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     prepared = prepare_for_lowering(inputs.reference, the_plan)
     with atomic_output(out_dir, opts.overwrite) as tmp:
         the_plan.save(tmp / "plan.json")
+        onnx.save(inputs.reference, str(tmp / "model_fp32.onnx"))  # what `deploy verify` checks every artifact against
         if stats is not None:
             stats.save(tmp / "statistics.json")
         for t in targets:
@@ -886,11 +833,9 @@ def plan_only(model: Any = None, calibration: Any = None, out: str | Path = "pla
     """Compute and write a plan without lowering (``deploy plan``)."""
     opts = options or DeployOptions()
     out = Path(out)
-    if out.exists() and not opts.overwrite:  # refused before any calibration or search
-        raise BadInputError(f"{out} exists; pass --overwrite or choose another path")
-    if out.is_dir():
-        raise BadInputError(f"{out} is a directory; give a file path for the plan (--out FILE)")
-    opts = _checked_recovery(opts)
+    check_plan_output(out, opts.overwrite)  # refused before any calibration or search
+    opts = preflight(opts, [], with_plan=False)
+    _check_paths(calibration)
     inputs = equalized(load_inputs(model, calibration, opts), opts)
     stats = compute_statistics(inputs, opts, progress)
     p = make_plan(inputs, stats, opts)
@@ -915,4 +860,4 @@ def digest(text: str) -> str:
 
 
 __all__ = ["DeployOptions", "DeployResult", "TargetResult", "run_deploy", "plan_only", "load_inputs", "make_plan",
-           "DeployerError"]
+           "DeployerError", "atomic_output", "check_output_dir", "write_manifest"]

@@ -370,12 +370,13 @@ def test_plan_output_is_a_directory(tmp_path: Path, model_path: Path, calib_dir:
 
 
 def test_overwrite_replaces_and_leaves_nothing(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    """A second ``--overwrite`` onto the tool's own output replaces it (files it wrote, listed in the
+    manifest, and nothing else)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    (out / "report.json").write_text("{}")  # an earlier deploy output: --overwrite replaces only those
+    assert main(deploy_args(model_path, calib_dir, out)) == 0, capsys.readouterr().err
+    (out / "plan.json").write_text("{}")  # stale content in a file the tool wrote
     assert main(deploy_args(model_path, calib_dir, out, "--overwrite")) == 0, capsys.readouterr().err
-    assert not (out / "stale.txt").exists() and (out / "plan.json").is_file()
+    assert json.loads((out / "plan.json").read_text())["nodes"] and (out / ".deployer-manifest.json").is_file()
     assert leftovers(out) == []
 
 
@@ -387,7 +388,8 @@ def test_interrupt_between_renames_restores_previous_output(tmp_path: Path, monk
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous")
-    (out / "plan.json").write_text("{}")  # an earlier deploy output
+    (out / "plan.json").write_text("{}")
+    pipeline.write_manifest(out)  # an earlier deploy output
     real_replace = os.replace
     calls = []
 
