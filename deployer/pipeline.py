@@ -37,6 +37,7 @@ from deployer.output_dir import atomic_output, check_output_dir, check_plan_outp
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
 from deployer.qdq import for_policy
 from deployer.recipe import decide, load_recovery, load_rules
+from deployer.upcast import Upcast, upcast_samples, upcast_to_float32
 from deployer.verify import fidelity
 
 DEFAULT_CALIB_SAMPLES = 256
@@ -117,6 +118,7 @@ class Inputs:
     labels: np.ndarray | None = None
     imported: dict[str, Any] | None = None
     validation: CalibrationSet | None = None
+    upcast: Upcast = field(default_factory=Upcast)  # a float16/bfloat16 source model (deployer.upcast)
 
 
 @dataclass
@@ -204,10 +206,12 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         p = Path(model)
         if p.suffix.lower() != ".onnx" and not p.exists():
             raise BadInputError(f"model {model!r} is neither a built-in example ({', '.join(EXAMPLES)}) nor an existing file")
-        ref, imported = _import_if_quantized(load_onnx(p))
+        raw, up = upcast_to_float32(load_onnx(p))
+        ref, imported = _import_if_quantized(raw)
         source = str(p)
     elif isinstance(model, onnx.ModelProto):
-        ref = canonicalize(model)
+        raw, up = upcast_to_float32(model)
+        ref = canonicalize(raw)
         source = "onnx.ModelProto"
     elif hasattr(model, "forward") and hasattr(model, "eval"):
         if calib is None:
@@ -217,12 +221,13 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         example = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in example.items()}
         ref = canonicalize(export_torch(model, example))
         source = f"torch:{type(model).__name__}"
+        up = Upcast()
     else:
         raise BadInputError(f"model of type {type(model).__name__} is not supported; give a .onnx path, an example "
                             f"name or a torch.nn.Module")
     if calib is None:
         raise BadInputError("a user model needs calibration data; pass --calib DIR (.npy/.npz samples keyed by input name)")
-    cal = _user_calibration(calib, ref)
+    cal = _user_calibration(calib, ref, up)
     check_runnable(ref, source)
     n = len(cal)
     if n >= 5:
@@ -237,7 +242,8 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     task = "classification" if _looks_like_classifier(ref) else "generic"
     if not isinstance(model, (str, Path)):
         imported = None
-    return _with_eval(Inputs(ref, cal, held, task, source, split, opts.metric, imported=imported), opts)
+    return _with_eval(Inputs(ref, cal, held, task, source, split, opts.metric, imported=imported,
+                             upcast=up), opts)
 
 
 def _import_if_quantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
@@ -299,14 +305,25 @@ def equalized(inputs: Inputs, opts: DeployOptions) -> Inputs:
     return dataclasses.replace(inputs, reference=model, source=f"{inputs.source} (cross-layer equalized)")
 
 
-def _user_calibration(calib: Any, ref: onnx.ModelProto) -> CalibrationSet:
+def _user_calibration(calib: Any, ref: onnx.ModelProto, up: Upcast | None = None) -> CalibrationSet:
+    """The user's samples checked against the model's inputs. Inputs of a float16 source model take
+    float16 samples (bfloat16 ones float32: numpy has no bfloat16), up-cast to float32 as they are read."""
     specs = input_specs(ref)
+    half = {n for n, d in (up.inputs if up else {}).items() if d == "float16"}
+    if half:
+        specs = [dataclasses.replace(s, dtype=np.dtype(np.float16)) if s.name in half else s for s in specs]
     if isinstance(calib, (str, Path)):
-        return load_calibration(calib, specs)
-    if isinstance(calib, CalibrationSet):
+        cs = load_calibration(calib, specs)
+    elif isinstance(calib, CalibrationSet):
         calib.validate(specs)
-        return calib
-    return from_iterable(calib, specs)
+        cs = calib
+    else:
+        cs = from_iterable(calib, specs)
+    if not half:
+        return cs
+    src = cs
+    return CalibrationSet.lazy(len(src), lambda i: upcast_samples(src[i], {n: "float16" for n in half}),
+                               name=src.name)
 
 
 def _looks_like_classifier(model: onnx.ModelProto) -> bool:
@@ -345,6 +362,12 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
     if rec.observer is not None and options.observer == "minmax":
         options = dataclasses.replace(options, observer=rec.observer)
     nodes = decide(inputs.reference, rules)
+    if inputs.upcast.changed:  # float the recipe keeps stays in the source's half precision (FP16) where targets run it
+        from deployer.plan import Precision
+
+        nodes = {k: dataclasses.replace(v, precision=Precision.FP16,
+                                        reason=f"{v.reason}; {inputs.upcast.source_precision} source model: kept in FP16")
+                 if v.precision == Precision.FP32 else v for k, v in nodes.items()}
     from deployer.patterns import MASK_MAGNITUDE, mask_paths
 
     masks = mask_paths(inputs.reference)
@@ -378,7 +401,8 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         model={"sha256": model_sha256(inputs.reference), "source": inputs.source,
                "inputs": [s.to_dict() for s in specs],
                "outputs": [o.name for o in inputs.reference.graph.output],
-               "opset": max(i.version for i in inputs.reference.opset_import if i.domain in ("", "ai.onnx"))},
+               "opset": max(i.version for i in inputs.reference.opset_import if i.domain in ("", "ai.onnx")),
+               **({"source_precision": inputs.upcast.to_dict()} if inputs.upcast.changed else {})},
         calibration={"sha256": inputs.calibration.sha256(), "num_samples": len(inputs.calibration),
                      **({"input_shapes": stats.input_shapes} if _has_symbolic_dims(inputs.reference) else {}),
                      "name": inputs.calibration.name, "observer": options.observer,
@@ -647,6 +671,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                                   target_plan, tmp, inputs.calibration, dict(opts.backend_options),
                                   fp32_reference=inputs.reference)
             results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
+            if inputs.upcast.changed:
+                results[t].notes.append(inputs.upcast.note())
             for gate in results[t].extra.get("gates", {}).values():
                 gate["enforced"] = bool(opts.enforce_gates)  # reported always; exit 1 only when enforced
             if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference):
