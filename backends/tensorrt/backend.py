@@ -28,6 +28,7 @@ from backends.tensorrt.engine import (EngineOptions, polygraphy_compare_argv, po
                                       tensorrt_version, trtexec_argv)
 from deployer.errors import ExternalToolError
 from deployer.findings import Finding
+from deployer.float_nodes import float_nodes, float_nodes_note
 from deployer.graph import GraphView, weight_channel_axis
 from deployer.plan import QuantPlan
 from deployer.qdq import LoweringRecord, QdqPolicy, lower_qdq
@@ -160,7 +161,12 @@ class TensorRTBackend:
                         "findings": [f.to_dict() for f in findings]},
             "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),
             "fp16_nodes": record.fp16_nodes, "skipped": record.skipped, "engine": None,
+            "float_nodes": float_nodes(model, ctx.plan, ctx.reference, "tensorrt", record.skipped,
+                                       POLICY.weighted_ops, runs_fp16=True),
         }
+        note = float_nodes_note(extra["float_nodes"])
+        if note:
+            notes.append(note)
         if extra["tensorrt"] is None:
             notes.append("engine: not built (TensorRT not installed); build it on a GPU host with "
                          "build_engine.sh: " + shlex.join(argv) + " (or: " + shlex.join(poly) + ")")
