@@ -156,15 +156,17 @@ def check_output_dir(out_dir: Path, overwrite: bool, protected: Sequence[Any] = 
             be written.
     """
     out_dir = Path(out_dir)
-    resolved = out_dir.resolve()
+    resolved = _resolved(out_dir)
+    if resolved is None:
+        raise BadInputError(f"output {out_dir} is a symlink loop, not a directory; remove it or choose another --out")
     cwd = Path.cwd().resolve()
     if str(out_dir) in ("", ".") or resolved == cwd or resolved in cwd.parents:
         raise BadInputError(f"--out {str(out_dir)!r} is the current directory or one of its parents; "
                             f"choose a new directory such as deploy-out")
     for p in protected:
         if isinstance(p, (str, Path)) and str(p):
-            src = Path(p).resolve()
-            if src == resolved or resolved in src.parents:
+            src = _resolved(Path(p))  # None: a symlink loop, refused by the input's own check
+            if src is not None and (src == resolved or resolved in src.parents):
                 raise BadInputError(f"--out {out_dir} contains the input {p}; replacing it would delete your data; "
                                     f"choose another --out")
     if out_dir.exists() or out_dir.is_symlink():
@@ -184,6 +186,13 @@ def check_output_dir(out_dir: Path, overwrite: bool, protected: Sequence[Any] = 
             raise BadInputError(f"--overwrite refuses to replace {out_dir}: {ro} is read-only; make it writable "
                                 f"(chmod -R u+w {out_dir}) or choose another --out")
     check_writable_parent(out_dir)
+
+
+def _resolved(p: Path) -> Path | None:
+    try:
+        return p.resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        return None
 
 
 def _shown(names: list[str]) -> str:
