@@ -116,3 +116,51 @@ def case(name: str) -> tuple[onnx.ModelProto, dict[str, tuple[tuple[int, ...], s
 
 CASE_NAMES = ("float16_mlp", "bfloat16_mlp", "mixed_dtype", "conv_group2", "convtranspose_group1",
               "convtranspose_group2", "gemm_bias_n", "gemm_bias_1n", "gemm_bias_scalar")
+
+
+def to_dtype(model: onnx.ModelProto, dtype: str) -> onnx.ModelProto:
+    """``model`` stored in ``dtype`` (``float16`` | ``bfloat16``): every float32 initializer and graph
+    input/output becomes that type (values rounded to it), as a half-precision export writes it."""
+    et = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.BFLOAT16
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for i, t in enumerate(out.graph.initializer):
+        if t.data_type == TensorProto.FLOAT:
+            a = numpy_helper.to_array(t)
+            new = (numpy_helper.from_array(a.astype(np.float16), t.name) if dtype == "float16"
+                   else helper.make_tensor(t.name, et, list(a.shape), a.reshape(-1).tolist()))
+            out.graph.initializer[i].CopyFrom(new)
+    for vi in list(out.graph.input) + list(out.graph.output):
+        if vi.type.tensor_type.elem_type == TensorProto.FLOAT:
+            vi.type.tensor_type.elem_type = et
+    del out.graph.value_info[:]
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def variant(seed: int, index: int) -> tuple[str, onnx.ModelProto, dict[str, tuple[tuple[int, ...], str]]]:
+    """A seeded random layer variant: Conv / ConvTranspose (group 1 or 2), Gemm (bias [N], [1, N], scalar
+    or none) or the MLP, stored in float32, float16 or bfloat16. Returns (description, model, calibration spec)."""
+    rng = np.random.default_rng([seed, index])
+    kind = str(rng.choice(["Conv", "ConvTranspose", "Gemm", "MLP"]))
+    dtype = str(rng.choice(["float32", "float16", "bfloat16"]))
+    if kind in ("Conv", "ConvTranspose"):
+        if dtype == "bfloat16":  # Conv/ConvTranspose take no bfloat16 before opset 22 (ONNX operator spec)
+            dtype = "float16"
+        group = int(rng.choice([1, 2]))
+        model, shape, desc = conv_model(kind, group), (1, 4, 5, 5), f"{kind} group {group}"
+    elif kind == "Gemm":
+        bias = [(5,), (1, 5), ()][int(rng.integers(3))]
+        model, shape, desc = gemm_bias(bias), (1, 8), f"Gemm bias {list(bias)}"
+    else:
+        model, shape, desc = half_mlp("float16"), (1, 8), "MatMul-Relu-MatMul"
+        if dtype == "float32":
+            from deployer.upcast import upcast_to_float32
+
+            model = upcast_to_float32(model)[0]
+    if dtype != "float32" and kind != "MLP":
+        model = to_dtype(model, dtype)
+    elif kind == "MLP" and dtype == "bfloat16":
+        model = half_mlp("bfloat16")
+    data = "float16" if dtype == "float16" else "float32"
+    return f"{desc} in {dtype}", model, {model.graph.input[0].name: (shape, data)}
