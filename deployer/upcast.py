@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-LOW_PRECISION = {TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16"}
+LOW_PRECISION: dict[int, str] = {int(TensorProto.FLOAT16): "float16", int(TensorProto.BFLOAT16): "bfloat16"}
 
 __all__ = ["Upcast", "upcast_to_float32", "upcast_samples", "LOW_PRECISION"]
 
