@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="deploy-out", metavar="DIR", help="output directory (default deploy-out)")
     p.add_argument("--plan", metavar="FILE", help="lower this plan (validated first) instead of calibrating")
     p.add_argument("--soc-version", default=None, help="Ascend SoC for atc (default Ascend310P3)")
-    p.add_argument("--tflite-io", default="int8", help="int8 | uint8 | float model inputs/outputs (default int8)")
-    p.add_argument("--tflite-layout", default="nhwc", help="nhwc | nchw (default nhwc)")
+    p.add_argument("--tflite-io", default="int8", choices=("int8", "uint8", "float"),
+                   help="int8 | uint8 | float model inputs/outputs (default int8)")
+    p.add_argument("--tflite-layout", default="nhwc", choices=("nhwc", "nchw"), help="nhwc | nchw (default nhwc)")
     p.add_argument("--tflite-mode", default="int8", choices=("int8", "16x8"),
                    help="tflite: int8 activations (default) or 16x8 (int16 activations, int8 weights)")
     p.add_argument("--tflite-per-tensor", action="store_true",

@@ -483,8 +483,13 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
     """
     opts = _checked_recovery(opts)
     _check_values(opts)
+    backends = discover()
     if targets is None:
-        targets = resolve_targets(opts.targets, discover())
+        targets = resolve_targets(opts.targets, backends)
+    for t in targets:  # each backend's own option values (SoC name, modes), where it declares a check
+        check_options = getattr(backends.get(t), "check_options", None)
+        if check_options is not None:
+            check_options(dict(opts.backend_options))
     if not with_plan and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):
         no_int4 = [t for t in targets if t in ("tflite", "tensorrt", "ascend")]
         if no_int4:  # the same refusal the backend would give

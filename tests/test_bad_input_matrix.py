@@ -1010,3 +1010,18 @@ def test_signal_during_calibration(tmp_path: Path, model_path: Path, calib_dir: 
                                            f"is left behind)"
     assert not out.exists() and leftovers(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["READY", "tiny.onnx", "calib"])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--target", "ascend", "--soc-version", "Bogus"), "--soc-version 'Bogus'"),
+    (("--target", "onnxruntime", "--ort-mode", "fast"), "--ort-mode"),
+    (("--target", "tflite", "--tflite-io", "int4"), "--tflite-io"),
+    (("--target", "tensorrt", "--trt-hardware-compatibility", "any"), "--trt-hardware-compatibility"),
+])
+def test_backend_option_values_refused_before_the_model_is_read(tmp_path: Path, calib_dir: Path, capsys, extra,
+                                                                needle) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not an onnx model" * 10)
+    out = tmp_path / "out"
+    assert_bad_input(["--model", str(junk), "--calib", str(calib_dir), "--out", str(out), "--quiet", *extra], capsys,
+                     out, needle)

@@ -182,6 +182,14 @@ class AscendBackend:
             return False, "onnxruntime is not installed; pip install -e '.[ascend]'"
         return True, ""
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Option values checked before any model work (the SoC name against CANN's list).
+
+        Raises:
+            BadInputError: an unknown ``soc_version``.
+        """
+        validate_soc(options.get("soc_version") or DEFAULT_SOC_VERSION)
+
     def check(self, model: onnx.ModelProto) -> list[Finding]:
         """Every Ascend rule ``model`` breaks (see :mod:`backends.ascend.checker`)."""
         return check_model(model)

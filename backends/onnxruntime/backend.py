@@ -357,6 +357,17 @@ class OnnxRuntimeBackend:
             return False, "onnxruntime is not installed; pip install -e '.[onnxruntime]'"
         return True, ""
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Option values checked before any model work.
+
+        Raises:
+            BadInputError: an unknown ``ort_mode`` or ``ort_kernels``.
+        """
+        if (options.get("ort_mode") or "static") not in MODES:
+            raise BadInputError(f"--ort-mode {options.get('ort_mode')!r}: use static or dynamic")
+        if options.get("ort_kernels") is not None and options["ort_kernels"] not in KERNELS:
+            raise BadInputError(f"ort_kernels {options['ort_kernels']!r}: use u8u8 or u8s8")
+
     def lower(self, ctx: LoweringContext) -> Artifact:
         mode = ctx.options.get("ort_mode") or "static"
         reduce_range = bool(ctx.options.get("ort_reduce_range", True))

@@ -121,6 +121,14 @@ class TensorRTBackend:
         """TensorRT parser and placement rules (:mod:`backends.tensorrt.checker`) on any ONNX model."""
         return check_model(model)
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Option values checked before any model work (the engine options).
+
+        Raises:
+            BadInputError: an unknown ``trt_hardware_compatibility``.
+        """
+        EngineOptions.from_backend_options(options, None)
+
     def lower(self, ctx: LoweringContext) -> Artifact:
         refuse_int4(ctx.plan, "tensorrt", "this TensorRT lowering does not emit (INT4 Q/DQ needs opset 21 block quantization)")
         model, record = lower_strongly_typed(ctx.reference, ctx.plan)
