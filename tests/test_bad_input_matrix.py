@@ -1025,3 +1025,42 @@ def test_backend_option_values_refused_before_the_model_is_read(tmp_path: Path, 
     out = tmp_path / "out"
     assert_bad_input(["--model", str(junk), "--calib", str(calib_dir), "--out", str(out), "--quiet", *extra], capsys,
                      out, needle)
+
+
+def test_folder_added_after_the_rename_is_recorded(tmp_path: Path) -> None:
+    """``deploy --distill`` moves ``distill/`` (an output with its own manifest) into the finished deploy
+    output; recorded, a later --overwrite may replace it, while anything else added stays foreign."""
+    from deployer.output_dir import add_to_manifest, atomic_output, check_output_dir, foreign_entries
+
+    out = tmp_path / "out"
+    with atomic_output(out, overwrite=False) as tmp:
+        (tmp / "plan.json").write_text("{}")
+    with atomic_output(tmp_path / "work" / "distill", overwrite=False) as tmp:
+        (tmp / "student.onnx").write_bytes(b"x")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "log.txt").write_text("log")
+    (tmp_path / "work" / "distill").rename(out / "distill")
+    assert foreign_entries(out)[1] == ["distill", "distill/.deployer-manifest.json", "distill/student.onnx",
+                                       "distill/sub", "distill/sub/log.txt"]
+    add_to_manifest(out, ["distill"])
+    assert foreign_entries(out) == (True, [])
+    check_output_dir(out, overwrite=True)
+    (out / "distill" / "mine.txt").write_text("mine")
+    assert foreign_entries(out)[1] == ["distill/mine.txt"]
+    with pytest.raises(BadInputError, match="distill/mine.txt"):
+        check_output_dir(out, overwrite=True)
+
+
+def test_file_dropped_in_during_the_run_is_never_deleted(tmp_path: Path) -> None:
+    """The output is checked again just before the rename: a file a user put there meanwhile survives."""
+    from deployer.output_dir import atomic_output
+
+    out = tmp_path / "out"
+    with atomic_output(out, overwrite=False) as tmp:
+        (tmp / "a.txt").write_text("ours")
+    with pytest.raises(BadInputError, match="late.txt"):
+        with atomic_output(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+            (out / "late.txt").write_text("user")
+    assert (out / "late.txt").read_text() == "user" and (out / "a.txt").read_text() == "ours"
+    assert leftovers(out) == []
