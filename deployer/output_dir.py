@@ -40,7 +40,11 @@ def _entries(root: Path) -> tuple[set[str], set[str]]:
     """(files, folders) under ``root`` as relative POSIX paths; symlinks count as files (never followed)."""
     files: set[str] = set()
     dirs: set[str] = set()
-    for here, dnames, fnames in os.walk(root, followlinks=False):
+    def unreadable(e: OSError) -> None:
+        raise BadInputError(f"cannot list {e.filename} ({e.strerror}); deploy replaces only folders it can read "
+                            f"completely: fix the permissions or choose another --out")
+
+    for here, dnames, fnames in os.walk(root, followlinks=False, onerror=unreadable):
         rel = Path(here).relative_to(root)
         for d in list(dnames):
             p = Path(here) / d
