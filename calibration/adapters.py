@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from calibration.dataset import CalibrationSet, InputSpec, Sample, from_iterable, load_folder, sha256_file
+from calibration.dataset import (CalibrationSet, InputSpec, Sample, check_calibration_folder, from_iterable,
+                                 load_folder, sample_files, sha256_file)
 from deployer.errors import BadInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -134,7 +135,7 @@ def read_spec(path: str | Path) -> dict[str, Any]:
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise BadInputError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sample_files(folder, IMAGE_SUFFIXES, recursive=True)
     if not files:
         raise BadInputError(f"image folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
@@ -304,7 +305,7 @@ def load_calibration(folder: str | Path, inputs: Sequence[InputSpec], n: int | N
                      seed: int = 0) -> CalibrationSet:
     """A calibration folder: with a ``calibration.json|yaml`` spec (``kind: image|text``) through the
     image/text adapter, otherwise ``.npy``/``.npz`` samples (:func:`calibration.dataset.load_folder`)."""
-    root = Path(folder)
+    root = check_calibration_folder(folder)
     spec_path = next((root / s for s in SPEC_NAMES if (root / s).is_file()), None)
     if spec_path is None:
         return load_folder(root, inputs)

@@ -303,13 +303,11 @@ def load_folder(folder: str | Path, inputs: Sequence[InputSpec]) -> CalibrationS
         BadInputError: missing or empty folder, unreadable or pickled files, mismatching names,
             shapes or dtypes, NaN/Inf (naming the input and the sample index).
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise BadInputError(f"calibration folder {root} does not exist; pass --calib DIR with .npy/.npz samples")
+    root = check_calibration_folder(folder)
     names = [i.name for i in inputs]
     name = str(root)
     loader = _FolderLoader(names)
-    files = sorted(p for p in root.iterdir() if p.is_file() and p.suffix in (".npy", ".npz"))
+    files = sample_files(root, (".npy", ".npz"))
     subdirs = [root / n for n in names if (root / n).is_dir()]
 
     def add(arrays: dict[str, np.ndarray], paths: dict[str, tuple[Path, str]], src: Path) -> None:
@@ -335,7 +333,7 @@ def load_folder(folder: str | Path, inputs: Sequence[InputSpec]) -> CalibrationS
     elif subdirs:
         if len(subdirs) != len(names):
             raise BadInputError(f"calibration folder {root} needs one subfolder per input {names}")
-        per_input = {n: sorted((root / n).glob("*.npy")) for n in names}
+        per_input = {n: sample_files(root / n, (".npy",), root) for n in names}
         counts = {n: len(v) for n, v in per_input.items()}
         if len(set(counts.values())) != 1:
             raise BadInputError(f"calibration subfolders hold different sample counts {counts}; make them equal")
@@ -440,3 +438,61 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_calibration_folder(folder: str | Path) -> Path:
+    """``--calib DIR`` before any model work: it must resolve (no symlink loop) to an existing folder.
+
+    Raises:
+        BadInputError: a symlink loop (``ln -s loop loop``), a missing path or dangling link, or a file.
+    """
+    root = Path(folder)
+    try:
+        root.resolve(strict=True)
+    except FileNotFoundError:
+        raise BadInputError(f"calibration folder {root} does not exist; pass --calib DIR with .npy/.npz samples") from None
+    except (RuntimeError, OSError) as e:  # ELOOP: RuntimeError before Python 3.13, OSError after
+        raise BadInputError(f"calibration folder {root} is a symlink loop ({_why(e)}); pass --calib the real folder "
+                            f"that holds the .npy/.npz samples") from None
+    if not root.is_dir():
+        raise BadInputError(f"calibration path {root} is not a folder; pass --calib DIR with .npy/.npz samples")
+    return root
+
+
+def _why(e: BaseException) -> str:
+    return getattr(e, "strerror", None) or " ".join(str(e).split()) or type(e).__name__
+
+
+def sample_files(folder: Path, suffixes: tuple[str, ...], root: Path | None = None, recursive: bool = False
+                 ) -> list[Path]:
+    """The sample files (by suffix, case-insensitive) of a calibration folder, sorted by path.
+
+    A sample that is a symlink must resolve to a file inside the calibration folder ``root`` (default
+    ``folder``): a loop, a dangling link or a link pointing outside is an error naming the file, never
+    a silent skip (issue 22: looping links were skipped with exit 0).
+
+    Raises:
+        BadInputError: the first such link.
+    """
+    base = (root or folder).resolve()
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    out = []
+    for p in sorted(found):
+        if p.suffix.lower() not in suffixes:
+            continue
+        if p.is_symlink():
+            try:
+                target = p.resolve(strict=True)
+            except FileNotFoundError:
+                raise BadInputError(f"calibration file {p} is a dangling symlink (its target is gone); remove it or "
+                                    f"put the sample file there") from None
+            except (RuntimeError, OSError) as e:
+                raise BadInputError(f"calibration file {p} is a symlink loop ({_why(e)}); remove it or replace it by "
+                                    f"the sample file") from None
+            if base not in target.parents:
+                raise BadInputError(f"calibration file {p} is a symlink to {target}, outside the calibration folder "
+                                    f"{base}; copy the sample into the folder (or pass --calib the folder that "
+                                    f"holds it)")
+        if p.is_file():
+            out.append(p)
+    return out

@@ -1,7 +1,8 @@
 """The ``deploy`` command. A thin layer: parse, call the Python API, print.
 
 Exit codes: 0 ok (a vendor compile step reported as not run is ok), 1 an enforced gate failed,
-2 bad input, 3 a requested backend cannot run at all.
+2 bad input, 3 a requested backend cannot run at all, 4 an internal error (one line saying where to
+report it; the traceback with ``--verbose``), 130 / 143 interrupted by SIGINT / SIGTERM.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -91,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="deploy-out", metavar="DIR", help="output directory (default deploy-out)")
     p.add_argument("--plan", metavar="FILE", help="lower this plan (validated first) instead of calibrating")
     p.add_argument("--soc-version", default=None, help="Ascend SoC for atc (default Ascend310P3)")
-    p.add_argument("--tflite-io", default="int8", help="int8 | uint8 | float model inputs/outputs (default int8)")
-    p.add_argument("--tflite-layout", default="nhwc", help="nhwc | nchw (default nhwc)")
+    p.add_argument("--tflite-io", default="int8", choices=("int8", "uint8", "float"),
+                   help="int8 | uint8 | float model inputs/outputs (default int8)")
+    p.add_argument("--tflite-layout", default="nhwc", choices=("nhwc", "nchw"), help="nhwc | nchw (default nhwc)")
     p.add_argument("--tflite-mode", default="int8", choices=("int8", "16x8"),
                    help="tflite: int8 activations (default) or 16x8 (int16 activations, int8 weights)")
     p.add_argument("--tflite-per-tensor", action="store_true",
@@ -373,17 +376,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     original_error = argparse.ArgumentParser.error
     argparse.ArgumentParser.error = _usage_error  # type: ignore[method-assign,assignment]
+    previous_term = _on_sigterm_interrupt()
     try:
         with _silenced_stderr("--quiet" in args):
             return _dispatch(args)
     except DeployerError as e:
-        print(f"deploy: error: {e}", file=sys.stderr)
+        print(f"deploy: error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
-        print("deploy: interrupted; no output was written", file=sys.stderr)
-        return 143 if str(e) == f"signal {int(signal.SIGTERM)}" else 130  # 128 + signal number, as shells report
+        term = str(e) == f"signal {int(signal.SIGTERM)}"
+        print(f"deploy: interrupted by {'SIGTERM' if term else 'SIGINT'}; nothing was written (no partial output "
+              f"is left behind)", file=sys.stderr)
+        return 143 if term else 130  # 128 + signal number, as shells report
+    except Exception as e:  # a bug, not bad input: exit 4, one line; the traceback with --verbose
+        if "--verbose" in args:
+            traceback.print_exc()
+        where = f"{type(e).__module__}.{type(e).__qualname__}".removeprefix("builtins.")
+        print(f"deploy: internal error: {where}: {_one_line(str(e))[:300]}; please report it at {REPORT_AT} "
+              f"(with the command{'' if '--verbose' in args else ' and the traceback that --verbose prints'})",
+              file=sys.stderr)
+        return INTERNAL_ERROR
     finally:
         argparse.ArgumentParser.error = original_error  # type: ignore[method-assign]
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+INTERNAL_ERROR = 4
+REPORT_AT = "the project's issue tracker (README.md, section \"Reporting a bug\")"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _on_sigterm_interrupt() -> Any:
+    """Turn SIGTERM into ``KeyboardInterrupt("signal 15")`` for the whole command (calibration included),
+    so that it ends with one line and exit 143 after every temporary output is removed. Returns the
+    previous handler (None outside the main thread, where signals cannot be set)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, on_term)
 
 
 def _usage_error(self: argparse.ArgumentParser, message: str) -> None:

@@ -1,7 +1,8 @@
 """One error root for everything a user can cause; each message says what was wrong and what to do.
 
 Exit codes (CLI): :class:`BadInputError` 2, :class:`BackendUnavailableError` 3, :class:`GateFailedError` 1.
-Internal bugs are not :class:`DeployerError` and surface as tracebacks.
+Internal bugs are not :class:`DeployerError`: the CLI reports any other exception as an internal error,
+exit 4, in one line saying where to report it (the traceback with ``--verbose``).
 """
 
 from __future__ import annotations

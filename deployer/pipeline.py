@@ -13,11 +13,8 @@ import json
 import os
 import platform
 import shutil
-import signal
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,11 +34,13 @@ from deployer.errors import BackendUnavailableError, BadInputError, DeployerErro
 from deployer.gates import failed
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
+from deployer.output_dir import atomic_output, check_output_dir, check_plan_output, write_manifest
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
 from deployer.recipe import decide, load_recovery, load_rules
 from deployer.deliver import (FLOOR_GATE, Shared, TargetResult, deliver, failed_target,  # noqa: F401
                               labelled_metrics, target_plan)
 from deployer.judge import FidelityFloor
+from deployer.upcast import Upcast, upcast_samples, upcast_to_float32
 
 DEFAULT_CALIB_SAMPLES = 256
 DEFAULT_HELDOUT_SAMPLES = 300
@@ -128,6 +127,7 @@ class Inputs:
     labels: np.ndarray | None = None
     imported: dict[str, Any] | None = None
     validation: CalibrationSet | None = None
+    upcast: Upcast = field(default_factory=Upcast)  # a float16/bfloat16 source model (deployer.upcast)
 
 
 @dataclass
@@ -198,10 +198,12 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         p = Path(model)
         if p.suffix.lower() != ".onnx" and not p.exists():
             raise BadInputError(f"model {model!r} is neither a built-in example ({', '.join(EXAMPLES)}) nor an existing file")
-        ref, imported = _import_if_quantized(load_onnx(p))
+        raw, up = upcast_to_float32(load_onnx(p))
+        ref, imported = _import_if_quantized(raw)
         source = str(p)
     elif isinstance(model, onnx.ModelProto):
-        ref = canonicalize(model)
+        raw, up = upcast_to_float32(model)
+        ref = canonicalize(raw)
         source = "onnx.ModelProto"
     elif hasattr(model, "forward") and hasattr(model, "eval"):
         if calib is None:
@@ -211,12 +213,13 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         example = {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)) for k, v in example.items()}
         ref = canonicalize(export_torch(model, example))
         source = f"torch:{type(model).__name__}"
+        up = Upcast()
     else:
         raise BadInputError(f"model of type {type(model).__name__} is not supported; give a .onnx path, an example "
                             f"name or a torch.nn.Module")
     if calib is None:
         raise BadInputError("a user model needs calibration data; pass --calib DIR (.npy/.npz samples keyed by input name)")
-    cal = _user_calibration(calib, ref)
+    cal = _user_calibration(calib, ref, up)
     check_runnable(ref, source)
     n = len(cal)
     if opts.heldout_dir is not None:
@@ -234,7 +237,8 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
     task = "classification" if _looks_like_classifier(ref) else "generic"
     if not isinstance(model, (str, Path)):
         imported = None
-    return _with_eval(Inputs(ref, cal, held, task, source, split, opts.metric, imported=imported), opts)
+    return _with_eval(Inputs(ref, cal, held, task, source, split, opts.metric, imported=imported,
+                             upcast=up), opts)
 
 
 def _import_if_quantized(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
@@ -304,14 +308,25 @@ def equalized(inputs: Inputs, opts: DeployOptions) -> Inputs:
     return dataclasses.replace(inputs, reference=model, source=f"{inputs.source} (cross-layer equalized)")
 
 
-def _user_calibration(calib: Any, ref: onnx.ModelProto) -> CalibrationSet:
+def _user_calibration(calib: Any, ref: onnx.ModelProto, up: Upcast | None = None) -> CalibrationSet:
+    """The user's samples checked against the model's inputs. Inputs of a float16 source model take
+    float16 samples (bfloat16 ones float32: numpy has no bfloat16), up-cast to float32 as they are read."""
     specs = input_specs(ref)
+    half = {n for n, d in (up.inputs if up else {}).items() if d == "float16"}
+    if half:
+        specs = [dataclasses.replace(s, dtype=np.dtype(np.float16)) if s.name in half else s for s in specs]
     if isinstance(calib, (str, Path)):
-        return load_calibration(calib, specs)
-    if isinstance(calib, CalibrationSet):
+        cs = load_calibration(calib, specs)
+    elif isinstance(calib, CalibrationSet):
         calib.validate(specs)
-        return calib
-    return from_iterable(calib, specs)
+        cs = calib
+    else:
+        cs = from_iterable(calib, specs)
+    if not half:
+        return cs
+    src = cs
+    return CalibrationSet.lazy(len(src), lambda i: upcast_samples(src[i], {n: "float16" for n in half}),
+                               name=src.name)
 
 
 def _first_sample(folder: Path) -> dict[str, np.ndarray]:
@@ -380,6 +395,12 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
     if rec.observer is not None and options.observer == "minmax":
         options = dataclasses.replace(options, observer=rec.observer)
     nodes = decide(inputs.reference, rules)
+    if inputs.upcast.changed:  # float the recipe keeps stays in the source's half precision (FP16) where targets run it
+        from deployer.plan import Precision
+
+        nodes = {k: dataclasses.replace(v, precision=Precision.FP16,
+                                        reason=f"{v.reason}; {inputs.upcast.source_precision} source model: kept in FP16")
+                 if v.precision == Precision.FP32 else v for k, v in nodes.items()}
     from deployer.patterns import MASK_MAGNITUDE, mask_paths
 
     masks = mask_paths(inputs.reference)
@@ -413,7 +434,8 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         model={"sha256": model_sha256(inputs.reference), "source": inputs.source,
                "inputs": [s.to_dict() for s in specs],
                "outputs": [o.name for o in inputs.reference.graph.output],
-               "opset": max(i.version for i in inputs.reference.opset_import if i.domain in ("", "ai.onnx"))},
+               "opset": max(i.version for i in inputs.reference.opset_import if i.domain in ("", "ai.onnx")),
+               **({"source_precision": inputs.upcast.to_dict()} if inputs.upcast.changed else {})},
         calibration={"sha256": inputs.calibration.sha256(), "num_samples": len(inputs.calibration),
                      **({"input_shapes": stats.input_shapes} if _has_symbolic_dims(inputs.reference) else {}),
                      "name": inputs.calibration.name, "observer": options.observer,
@@ -493,27 +515,58 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
         BadInputError: the first problem found.
     """
     opts = _checked_recovery(opts)
+    _check_values(opts)
     opts = dataclasses.replace(opts, min_fidelity=FidelityFloor.parse(opts.min_fidelity))
     if opts.heldout_dir is not None and opts.eval_dir is not None:
         raise BadInputError("--heldout and --eval both replace the held-out set: give --eval DIR for labelled "
                             "data or --heldout DIR for unlabelled samples, not both")
-    if opts.search_budget < 1:
-        raise BadInputError("--search-budget must be at least 1")
-    if opts.fidelity_target is not None and not 0.0 < float(opts.fidelity_target) <= 1.0:
-        raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
     backends = discover()
     if targets is None:
         targets = resolve_targets(opts.targets, backends)
-    for t in targets:  # backend options (e.g. --soc-version) are refused before any model work
-        validate = getattr(backends.get(t), "validate_options", None)
-        if validate is not None:
-            validate(dict(opts.backend_options))
+    for t in targets:  # each backend's own option values (SoC name, modes), where it declares a check
+        check_options = getattr(backends.get(t), "check_options", None)
+        if check_options is not None:
+            check_options(dict(opts.backend_options))
     if not with_plan and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):
         no_int4 = [t for t in targets if t in ("tflite", "tensorrt", "ascend")]
         if no_int4:  # the same refusal the backend would give
             raise BadInputError(f"--recipe {opts.recipe} asks for INT4 weights, which target(s) {', '.join(no_int4)} "
                                 f"cannot lower; use --target onnxruntime for weight-only INT4, or an int8 recipe")
     return opts
+
+
+def _check_values(opts: DeployOptions) -> None:
+    """Option values checked before any model work (issue 22: ``--fidelity-target 1.5`` was refused only
+    after calibration).
+
+    Raises:
+        BadInputError: the first value out of its range.
+    """
+    if opts.fidelity_target is not None and not 0.0 < float(opts.fidelity_target) <= 1.0:
+        raise BadInputError(f"--fidelity-target {opts.fidelity_target}: give a fraction of FP32 in (0, 1], e.g. 0.99")
+    if opts.search_budget < 1:
+        raise BadInputError("--search-budget must be at least 1")
+    if opts.observer not in OBSERVERS:
+        raise BadInputError(f"unknown observer {opts.observer!r}; choose one of {', '.join(OBSERVERS)}")
+    if opts.smoothquant is not None and not 0.0 <= opts.smoothquant <= 1.0:
+        raise BadInputError(f"--smoothquant {opts.smoothquant}: alpha must be in [0, 1] (the paper uses 0.5)")
+    if opts.calib_samples is not None and opts.calib_samples < 1:
+        raise BadInputError(f"--calib-samples {opts.calib_samples}: give a positive number of samples")
+    if opts.heldout_samples < 1:
+        raise BadInputError(f"--heldout-samples {opts.heldout_samples}: give a positive number of samples")
+    if not 0.0 <= opts.ema_momentum < 1.0:
+        raise BadInputError(f"--ema-momentum {opts.ema_momentum}: an EMA needs 0 <= momentum < 1")
+    if opts.eval_dir is not None and not Path(opts.eval_dir).is_dir():
+        raise BadInputError(f"--eval {opts.eval_dir}: no such folder; expected {opts.eval_dir}/inputs/ (samples) and "
+                            f"{opts.eval_dir}/labels.npy")
+
+
+def _check_paths(calibration: Any) -> None:
+    """A calibration folder given as a path must resolve to a folder (no symlink loop), before any model work."""
+    if isinstance(calibration, (str, Path)):
+        from calibration.dataset import check_calibration_folder
+
+        check_calibration_folder(calibration)
 
 
 def _checked_recovery(opts: DeployOptions) -> DeployOptions:
@@ -573,93 +626,6 @@ def provenance() -> dict[str, Any]:
     return {"deployer": __version__, "python": platform.python_version(), "libraries": versions}
 
 
-DEPLOY_OUTPUT_MARKERS = ("report.json", "plan.json", "distill_report.json")
-
-
-def check_output_dir(out_dir: Path, overwrite: bool, protected: Sequence[Any] = ()) -> None:
-    """Refuse an output directory that must not be replaced.
-
-    Raises:
-        BadInputError: it exists (without ``overwrite``), is not a directory, is the current directory
-            or one of its parents, would swallow a given input (model, calibration data), or exists,
-            is not empty and is not an earlier deploy output (no plan.json / report.json).
-    """
-    out_dir = Path(out_dir)
-    resolved = out_dir.resolve()
-    cwd = Path.cwd().resolve()
-    if str(out_dir) in ("", ".") or resolved == cwd or resolved in cwd.parents:
-        raise BadInputError(f"--out {str(out_dir)!r} is the current directory or one of its parents; "
-                            f"choose a new directory such as deploy-out")
-    for p in protected:
-        if isinstance(p, (str, Path)) and str(p):
-            src = Path(p).resolve()
-            if src == resolved or resolved in src.parents:
-                raise BadInputError(f"--out {out_dir} contains the input {p}; replacing it would delete your data; "
-                                    f"choose another --out")
-    if not out_dir.exists():
-        return
-    if not overwrite:
-        raise BadInputError(f"output directory {out_dir} exists; pass --overwrite or choose another --out")
-    if not out_dir.is_dir():
-        raise BadInputError(f"output {out_dir} exists and is not a directory; remove it or choose another --out")
-    if any(out_dir.iterdir()) and not any((out_dir / m).is_file() for m in DEPLOY_OUTPUT_MARKERS):
-        raise BadInputError(f"--overwrite refuses to replace {out_dir}: it is not empty and is not a deploy output "
-                            f"(no plan.json or report.json); choose another --out")
-
-
-@contextmanager
-def atomic_output(out_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` on success.
-
-    On any exception, SIGINT or SIGTERM the temporary directory is removed and ``out_dir`` is untouched.
-
-    Raises:
-        BadInputError: ``out_dir`` exists (without ``overwrite``) or its parent is not writable.
-    """
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, overwrite)
-    parent = out_dir.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    except OSError as e:
-        raise BadInputError(f"cannot write to {parent} ({e.strerror}); choose a writable --out") from None
-    tmp.chmod(0o755)  # mkdtemp creates 0700; the output is meant to be shared
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    in_main = _is_main_thread()
-    if in_main:
-        signal.signal(signal.SIGTERM, on_term)
-    old: Path | None = None  # a replaced output waits here until the new one is in place
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = parent / f".{out_dir.name}.tmp-old-{os.getpid()}"
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        if old is not None and old.exists() and not out_dir.exists():
-            os.replace(old, out_dir)  # interrupted between the renames: the previous output comes back
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _is_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path = "deploy-out",
                options: DeployOptions | None = None, plan: QuantPlan | str | Path | None = None,
                progress: Progress = _noop, log: Callable[[str], None] = lambda s: None) -> DeployResult:
@@ -676,6 +642,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     out_dir = Path(out_dir)
     check_output_dir(out_dir, opts.overwrite, [model, calibration, plan, opts.eval_dir])
     opts = preflight(opts, targets, with_plan=loaded_plan is not None)
+    _check_paths(calibration)
     t0 = time.perf_counter()
     inputs = equalized(load_inputs(model, calibration, opts), opts)
     if opts.backend_options.get("input_shapes"):  # refused for every target, before calibration
@@ -730,6 +697,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
     prepared = prepare_for_lowering(inputs.reference, the_plan)
     with atomic_output(out_dir, opts.overwrite) as tmp:
         the_plan.save(tmp / "plan.json")
+        onnx.save(inputs.reference, str(tmp / "model_fp32.onnx"))  # what `deploy verify` checks every artifact against
         if stats is not None:
             stats.save(tmp / "statistics.json")
         shared = Shared()
@@ -749,6 +717,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                 log(f"{t}: failed (exit {e.exit_code}): {' '.join(str(e).split())[:200]}")
                 results[t] = failed_target(t, e)
                 continue
+            if inputs.upcast.changed:
+                results[t].notes.append(inputs.upcast.note())
             for name, gate in results[t].extra.get("gates", {}).items():
                 if name != FLOOR_GATE:  # reported always; exit 1 only when enforced (the floor always is)
                     gate["enforced"] = bool(opts.enforce_gates)
@@ -873,11 +843,9 @@ def plan_only(model: Any = None, calibration: Any = None, out: str | Path = "pla
     """Compute and write a plan without lowering (``deploy plan``)."""
     opts = options or DeployOptions()
     out = Path(out)
-    if out.exists() and not opts.overwrite:  # refused before any calibration or search
-        raise BadInputError(f"{out} exists; pass --overwrite or choose another path")
-    if out.is_dir():
-        raise BadInputError(f"{out} is a directory; give a file path for the plan (--out FILE)")
-    opts = _checked_recovery(opts)
+    check_plan_output(out, opts.overwrite)  # refused before any calibration or search
+    opts = preflight(opts, [], with_plan=False)
+    _check_paths(calibration)
     inputs = equalized(load_inputs(model, calibration, opts), opts)
     stats = compute_statistics(inputs, opts, progress)
     p = make_plan(inputs, stats, opts)
@@ -913,4 +881,4 @@ def digest(text: str) -> str:
 
 
 __all__ = ["DeployOptions", "DeployResult", "TargetResult", "run_deploy", "plan_only", "load_inputs", "make_plan",
-           "DeployerError"]
+           "DeployerError", "atomic_output", "check_output_dir", "write_manifest"]

@@ -25,6 +25,7 @@ from calibration.adapters import load_calibration
 from calibration.dataset import sha256_file
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError
 from deployer.model_io import input_specs, load_onnx, model_sha256
+from deployer.output_dir import check_output_dir
 from deployer.pipeline import DeployResult, TargetResult, atomic_output, provenance
 from deployer.plan import QuantPlan
 from deployer.verify import fidelity
@@ -50,8 +51,10 @@ class VerifyOptions:
 
 
 def find_reference(artifact: Path) -> Path | None:
-    """``model_fp32.onnx`` beside the artifact or in a sibling target folder of a deploy output."""
-    for cand in [artifact.parent / "model_fp32.onnx", *sorted(artifact.parent.parent.glob("*/model_fp32.onnx"))]:
+    """``model_fp32.onnx`` beside the artifact, at the root of the deploy output holding it (every deploy
+    output keeps the FP32 reference there), or in a sibling target folder (outputs of older versions)."""
+    for cand in [artifact.parent / "model_fp32.onnx", artifact.parent.parent / "model_fp32.onnx",
+                 *sorted(artifact.parent.parent.glob("*/model_fp32.onnx"))]:
         if cand.is_file():
             return cand
     return None
@@ -109,6 +112,7 @@ def verify_artifact(artifact: str | Path, data: str | Path, reference: str | Pat
     ref_path = Path(reference) if reference is not None else find_reference(art)
     if ref_path is None:
         raise BadInputError(f"no FP32 reference found beside {art}; pass --reference model_fp32.onnx")
+    check_output_dir(Path(out_dir), opts.overwrite, [art, data, ref_path])  # before any model work
     t0 = time.perf_counter()
     ref = load_onnx(ref_path)
     specs = input_specs(ref)

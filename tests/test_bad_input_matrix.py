@@ -374,12 +374,13 @@ def test_plan_output_is_a_directory(tmp_path: Path, model_path: Path, calib_dir:
 
 
 def test_overwrite_replaces_and_leaves_nothing(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    """A second ``--overwrite`` onto the tool's own output replaces it (files it wrote, listed in the
+    manifest, and nothing else)."""
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    (out / "report.json").write_text("{}")  # an earlier deploy output: --overwrite replaces only those
+    assert main(deploy_args(model_path, calib_dir, out)) == 0, capsys.readouterr().err
+    (out / "plan.json").write_text("{}")  # stale content in a file the tool wrote
     assert main(deploy_args(model_path, calib_dir, out, "--overwrite")) == 0, capsys.readouterr().err
-    assert not (out / "stale.txt").exists() and (out / "plan.json").is_file()
+    assert json.loads((out / "plan.json").read_text())["nodes"] and (out / ".deployer-manifest.json").is_file()
     assert leftovers(out) == []
 
 
@@ -391,7 +392,8 @@ def test_interrupt_between_renames_restores_previous_output(tmp_path: Path, monk
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous")
-    (out / "plan.json").write_text("{}")  # an earlier deploy output
+    (out / "plan.json").write_text("{}")
+    pipeline.write_manifest(out)  # an earlier deploy output
     real_replace = os.replace
     calls = []
 
@@ -728,3 +730,341 @@ def test_verify_unloadable_artifact_is_a_clean_error(tmp_path: Path, model_path:
                "--out", str(tmp_path / "v")])
     err = capsys.readouterr().err
     assert rc == 2 and "cannot be loaded for verification" in err and "Traceback" not in err
+
+
+# -- issue 22: the second bad-input round ---------------------------------------------------------------
+
+
+def snapshot(path: Path) -> dict[str, tuple[str, bytes | str, int]] | None:
+    """Every entry under ``path`` (itself included) with its kind, content or link target, and mode bits."""
+    if not path.exists() and not path.is_symlink():
+        return None
+    out: dict[str, tuple[str, bytes | str, int]] = {}
+    for p in [path, *sorted(path.rglob("*"))] if path.is_dir() and not path.is_symlink() else [path]:
+        rel = str(p.relative_to(path))
+        st = p.lstat()
+        if p.is_symlink():
+            out[rel] = ("link", os.readlink(p), st.st_mode)
+        elif p.is_dir():
+            out[rel] = ("dir", b"", st.st_mode)
+        else:
+            out[rel] = ("file", p.read_bytes(), st.st_mode)
+    return out
+
+
+def test_overwrite_never_deletes_a_users_file_beside_a_plan(tmp_path: Path, model_path: Path, calib_dir: Path,
+                                                           capsys) -> None:
+    """The issue's case: ``d/plan.json`` + ``d/thesis.docx`` and --overwrite deleted the thesis."""
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "plan.json").write_text("{}")
+    (d / "thesis.docx").write_text("x")
+    before = snapshot(d)
+    msg = assert_bad_input(deploy_args(model_path, calib_dir, d, "--overwrite"), capsys, d, "--overwrite refuses",
+                           "thesis.docx")
+    assert "choose another --out" in msg
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("where", ["notes.txt", "tensorrt/notes.txt", "extra_folder/"])
+def test_overwrite_refuses_our_output_with_a_foreign_entry(tmp_path: Path, model_path: Path, calib_dir: Path, capsys,
+                                                           where: str) -> None:
+    out = tmp_path / "out"
+    assert main(deploy_args(model_path, calib_dir, out)) == 0
+    p = out / where
+    if where.endswith("/"):
+        p.mkdir()
+    else:
+        p.write_text("mine")
+    before = snapshot(out)
+    assert_bad_input(deploy_args(model_path, calib_dir, out, "--overwrite"), capsys, out, "--overwrite refuses",
+                     where.rstrip("/"))
+    assert snapshot(out) == before
+
+
+def test_manifest_lists_exactly_what_deploy_wrote(tmp_path: Path, model_path: Path, calib_dir: Path) -> None:
+    out = tmp_path / "out"
+    assert main(deploy_args(model_path, calib_dir, out, "--target", "tensorrt,ascend,onnxruntime")) == 0
+    m = json.loads((out / ".deployer-manifest.json").read_text())
+    from deployer import __version__
+
+    assert m["tool"] == "deployer" and m["version"] == __version__
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != ".deployer-manifest.json")
+    dirs = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_dir())
+    assert m["files"] == files and m["dirs"] == dirs
+    assert "model_fp32.onnx" in files  # what `deploy verify` needs, at the root of every output
+
+
+def test_overwrite_refuses_a_read_only_output(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert main(deploy_args(model_path, calib_dir, out)) == 0
+    (out / "tensorrt").chmod(0o555)
+    try:
+        before = snapshot(out)
+        assert_bad_input(deploy_args(model_path, calib_dir, out, "--overwrite"), capsys, out, "read-only", "chmod")
+        assert snapshot(out) == before
+    finally:
+        (out / "tensorrt").chmod(0o755)
+
+
+def test_out_symlink_is_refused(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    target = tmp_path / "real"
+    assert main(deploy_args(model_path, calib_dir, target)) == 0
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    before = snapshot(target)
+    assert_bad_input(deploy_args(model_path, calib_dir, link, "--overwrite"), capsys, link, "not a directory")
+    assert snapshot(target) == before and link.is_symlink()
+
+
+def test_plan_overwrite_replaces_only_a_plan(tmp_path: Path, model_path: Path, calib_dir: Path, capsys) -> None:
+    doc = tmp_path / "notes.json"
+    doc.write_text('{"mine": 1}')
+    assert_bad_input(plan_args(model_path, calib_dir, doc, "--overwrite"), capsys, doc, "not a plan written by deploy")
+    assert doc.read_text() == '{"mine": 1}'
+    plan = tmp_path / "plan.json"
+    assert main(plan_args(model_path, calib_dir, plan)) == 0
+    assert main(plan_args(model_path, calib_dir, plan, "--overwrite")) == 0  # a plan: replaced
+
+
+def test_verify_out_is_checked_before_any_work_and_replaceable(tmp_path: Path, model_path: Path, calib_dir: Path,
+                                                               capsys) -> None:
+    out = tmp_path / "out"
+    assert main(deploy_args(model_path, calib_dir, out)) == 0
+    art = out / "tensorrt" / "model_strongly_typed.onnx"
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "a.txt").write_text("a")
+    assert_bad_input(["verify", str(art), "--data", str(calib_dir), "--out", str(foreign), "--overwrite"], capsys,
+                     foreign, "--overwrite refuses")
+    v = tmp_path / "v"
+    assert main(["verify", str(art), "--data", str(calib_dir), "--out", str(v), "--quiet"]) == 0
+    assert main(["verify", str(art), "--data", str(calib_dir), "--out", str(v), "--quiet", "--overwrite"]) == 0
+    assert (v / ".deployer-manifest.json").is_file()
+
+
+def test_verify_finds_the_reference_at_the_output_root(tmp_path: Path, model_path: Path, calib_dir: Path) -> None:
+    """A TFLite-only output has no ``<target>/model_fp32.onnx``: verify uses the root's (every deploy
+    output keeps it). Checked with the locator, which is what failed (it asked for model_fp32.onnx)."""
+    from deployer.reverify import find_reference
+
+    out = tmp_path / "out"
+    assert main(deploy_args(model_path, calib_dir, out)) == 0
+    (out / "tensorrt" / "model_fp32.onnx").unlink()
+    assert find_reference(out / "tflite" / "model_int8.tflite") == out / "model_fp32.onnx"
+    assert main(["verify", str(out / "tensorrt" / "model_strongly_typed.onnx"), "--data", str(calib_dir),
+                 "--out", str(tmp_path / "v"), "--quiet"]) == 0
+    rep = json.loads((tmp_path / "v" / "report.json").read_text())
+    assert rep["model"]["source"] == str(out / "model_fp32.onnx")
+
+
+# symlinks in and as the calibration folder
+
+
+def test_calib_symlink_to_itself(tmp_path: Path, model_path: Path, capsys) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    out = tmp_path / "out"
+    assert_bad_input(deploy_args(model_path, loop, out), capsys, out, str(loop), "symlink loop")
+
+
+@pytest.mark.parametrize("kind", ["loop", "outside", "dangling"])
+def test_calib_file_symlinks_are_named_not_skipped(tmp_path: Path, model_path: Path, calib_dir: Path, capsys,
+                                                  kind: str) -> None:
+    """Looping links were skipped with exit 0 and no word: now exit 2 naming the file and the fix."""
+    bad = calib_dir / "zzz.npy"
+    if kind == "loop":
+        (calib_dir / "yyy.npy").symlink_to("zzz.npy")
+        bad.symlink_to("yyy.npy")
+        needle = "symlink loop"
+    elif kind == "outside":
+        elsewhere = tmp_path / "elsewhere.npy"
+        np.save(elsewhere, np.zeros(SHAPE, np.float32))
+        bad.symlink_to(elsewhere)
+        needle = "outside the calibration folder"
+    else:
+        bad.symlink_to(tmp_path / "gone.npy")
+        needle = "dangling"
+    out = tmp_path / "out"
+    assert_bad_input(deploy_args(model_path, calib_dir, out), capsys, out, "yyy.npy" if kind == "loop" else str(bad),
+                     needle)
+
+
+def test_calib_symlink_inside_the_folder_is_a_sample(tmp_path: Path, model_path: Path, calib_dir: Path) -> None:
+    (calib_dir / "zzz.npy").symlink_to("000.npy")
+    out = tmp_path / "out"
+    assert main(deploy_args(model_path, calib_dir, out)) == 0
+    assert json.loads((out / "plan.json").read_text())["calibration"]["num_samples"] == 6  # 7 samples: 6 + 1 held out
+
+
+# late refusals: every argument and path check before any model work
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--fidelity-target", "1.5"), "--fidelity-target 1.5"),
+    (("--fidelity-target", "0"), "--fidelity-target 0"),
+    (("--search-budget", "0"), "--search-budget"),
+    (("--smoothquant", "2"), "--smoothquant 2"),
+    (("--observer", "nope"), "unknown observer"),
+    (("--ema-momentum", "1.5"), "--ema-momentum"),
+    (("--calib-samples", "0"), "--calib-samples"),
+])
+def test_option_values_refused_before_the_model_is_read(tmp_path: Path, calib_dir: Path, capsys, extra, needle
+                                                        ) -> None:
+    """A model file that cannot even be parsed: any model work would fail on it first, so the option error
+    proves the check came before; and no statistics cache was created."""
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not an onnx model" * 10)
+    cache = Path(os.environ["DEPLOYER_CACHE_DIR"])
+    cached = sorted(cache.rglob("*"))
+    out = tmp_path / "out"
+    assert_bad_input(["--model", str(junk), "--calib", str(calib_dir), "--out", str(out), "--target", "tensorrt",
+                      "--quiet", *extra], capsys, out, needle)
+    assert_bad_input(plan_args(junk, calib_dir, tmp_path / "p.json", *extra), capsys, tmp_path / "p.json", needle)
+    assert sorted(cache.rglob("*")) == cached
+
+
+@pytest.mark.parametrize("out", ["/proc/deployer-test-out", "FILE/out"])
+def test_unwritable_out_refused_before_the_model_is_read(tmp_path: Path, calib_dir: Path, capsys, out: str) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not an onnx model" * 10)
+    (tmp_path / "FILE").write_text("x")
+    o = Path(out) if out.startswith("/") else tmp_path / out
+    assert_bad_input(deploy_args(junk, calib_dir, o), capsys, o, "cannot write", "writable --out")
+    assert_bad_input(plan_args(junk, calib_dir, o), capsys, o, "cannot write the plan")
+
+
+def test_calib_loop_refused_before_the_model_is_read(tmp_path: Path, capsys) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not an onnx model" * 10)
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    out = tmp_path / "out"
+    assert_bad_input(deploy_args(junk, loop, out), capsys, out, "symlink loop")
+
+
+# internal errors: exit 4, one line saying where to report it; the traceback with --verbose
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_internal_error_exits_4_in_one_line(tmp_path: Path, model_path: Path, calib_dir: Path, capsys, monkeypatch,
+                                           verbose: bool) -> None:
+    """A bug (here: an exception that is not a DeployerError, raised inside the lowering) is not a gate
+    failure (1): exit 4, one line naming the error and where to report it."""
+    import backends.tensorrt.backend as trt
+
+    def broken(self, ctx):  # noqa: ANN001, ANN202
+        raise ZeroDivisionError("simulated bug in lowering")
+
+    monkeypatch.setattr(trt.TensorRTBackend, "lower", broken)
+    out = tmp_path / "out"
+    rc = main(deploy_args(model_path, calib_dir, out, *(["--verbose"] if verbose else [])))
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("deploy: internal error: ZeroDivisionError: simulated bug in lowering; please report it")
+    assert "Reporting a bug" in last
+    assert ("Traceback" in err) == verbose
+    if not verbose:
+        assert len(err.strip().splitlines()) == 1 and "--verbose" in last
+    assert not out.exists() and leftovers(out) == []
+
+
+# signals during calibration
+
+SLOW_CALIBRATION = textwrap.dedent("""
+    import signal, sys, time
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    import deployer.pipeline as p
+    real = p.compute_statistics
+    def slow(inputs, options, progress=None):
+        open(sys.argv[1], "w").write("calibrating")
+        time.sleep(120)
+        return real(inputs, options)
+    p.compute_statistics = slow
+    from deployer.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_during_calibration(tmp_path: Path, model_path: Path, calib_dir: Path, sig) -> None:
+    """SIGTERM during calibration used to kill the process silently: now one line and 128 + signal."""
+    out = tmp_path / "out"
+    ready = tmp_path / "READY"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CALIBRATION, str(ready), *deploy_args(model_path, calib_dir, out)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ready.exists():
+            assert proc.poll() is None, f"deploy ended early ({proc.returncode}): {proc.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "calibration never started"
+            time.sleep(0.1)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    name = "SIGTERM" if sig == signal.SIGTERM else "SIGINT"
+    assert proc.returncode == 128 + int(sig), (proc.returncode, err[-500:])
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"deploy: interrupted by {name}; nothing was written (no partial output " \
+                                           f"is left behind)"
+    assert not out.exists() and leftovers(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["READY", "tiny.onnx", "calib"])
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--target", "ascend", "--soc-version", "Bogus"), "--soc-version 'Bogus'"),
+    (("--target", "onnxruntime", "--ort-mode", "fast"), "--ort-mode"),
+    (("--target", "tflite", "--tflite-io", "int4"), "--tflite-io"),
+    (("--target", "tensorrt", "--trt-hardware-compatibility", "any"), "--trt-hardware-compatibility"),
+])
+def test_backend_option_values_refused_before_the_model_is_read(tmp_path: Path, calib_dir: Path, capsys, extra,
+                                                                needle) -> None:
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00not an onnx model" * 10)
+    out = tmp_path / "out"
+    assert_bad_input(["--model", str(junk), "--calib", str(calib_dir), "--out", str(out), "--quiet", *extra], capsys,
+                     out, needle)
+
+
+def test_folder_added_after_the_rename_is_recorded(tmp_path: Path) -> None:
+    """``deploy --distill`` moves ``distill/`` (an output with its own manifest) into the finished deploy
+    output; recorded, a later --overwrite may replace it, while anything else added stays foreign."""
+    from deployer.output_dir import add_to_manifest, atomic_output, check_output_dir, foreign_entries
+
+    out = tmp_path / "out"
+    with atomic_output(out, overwrite=False) as tmp:
+        (tmp / "plan.json").write_text("{}")
+    with atomic_output(tmp_path / "work" / "distill", overwrite=False) as tmp:
+        (tmp / "student.onnx").write_bytes(b"x")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "log.txt").write_text("log")
+    (tmp_path / "work" / "distill").rename(out / "distill")
+    assert foreign_entries(out)[1] == ["distill", "distill/.deployer-manifest.json", "distill/student.onnx",
+                                       "distill/sub", "distill/sub/log.txt"]
+    add_to_manifest(out, ["distill"])
+    assert foreign_entries(out) == (True, [])
+    check_output_dir(out, overwrite=True)
+    (out / "distill" / "mine.txt").write_text("mine")
+    assert foreign_entries(out)[1] == ["distill/mine.txt"]
+    with pytest.raises(BadInputError, match="distill/mine.txt"):
+        check_output_dir(out, overwrite=True)
+
+
+def test_file_dropped_in_during_the_run_is_never_deleted(tmp_path: Path) -> None:
+    """The output is checked again just before the rename: a file a user put there meanwhile survives."""
+    from deployer.output_dir import atomic_output
+
+    out = tmp_path / "out"
+    with atomic_output(out, overwrite=False) as tmp:
+        (tmp / "a.txt").write_text("ours")
+    with pytest.raises(BadInputError, match="late.txt"):
+        with atomic_output(out, overwrite=True) as tmp:
+            (tmp / "a.txt").write_text("new")
+            (out / "late.txt").write_text("user")
+    assert (out / "late.txt").read_text() == "user" and (out / "a.txt").read_text() == "ours"
+    assert leftovers(out) == []

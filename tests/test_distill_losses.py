@@ -310,7 +310,8 @@ def test_cli_distill_user_factory(tmp_path, monkeypatch, capsys):
                  "--out", str(out), "--json"])
     assert code == 0
     rep = json.loads(capsys.readouterr().out)
-    assert sorted(p.name for p in out.iterdir()) == ["distill_report.json", "student.onnx", "student.pt"]
+    assert sorted(p.name for p in out.iterdir()) == [".deployer-manifest.json", "distill_report.json", "student.onnx",
+                                                     "student.pt"]
     assert rep["student"]["parameters"] == 6 * 8 + 8 + 8 * 3 + 3
     assert 3.0 <= rep["training"]["distill"]["final_temperature"] <= 10.0
     assert rep["training"]["qat"]["fake_quantized_modules"] == 2

@@ -45,7 +45,11 @@ def test_student_quarter_size_keeps_97_percent(chained):
     assert f["teacher_accuracy"] >= 0.9  # a real, trained teacher
     assert f["student_accuracy"] >= 0.97 * f["teacher_accuracy"], f
     assert rep["training"]["qat"]["fake_quantized_modules"] == 4  # both convs and both fully connected layers
-    assert sorted(p.name for p in (out / "distill").iterdir()) == ["distill_report.json", "student.onnx", "student.pt"]
+    assert sorted(p.name for p in (out / "distill").iterdir()) == [".deployer-manifest.json", "distill_report.json",
+                                                                   "student.onnx", "student.pt"]
+    from deployer.output_dir import foreign_entries
+
+    assert foreign_entries(out) == (True, [])  # distill/ is in the deploy output's manifest: --overwrite may replace it
 
 
 def test_int8_tflite_student_keeps_99_percent(chained):

@@ -394,7 +394,8 @@ def run_cli(argv: list[str]) -> tuple[int | None, str, str]:
         return None, "", f"{type(e).__name__}: {' '.join(str(e).split())[:300]} at {where}"
     lines = err.getvalue().strip().splitlines()
     errors = [ln for ln in lines if ln.startswith("deploy: error: ")]
-    return rc, errors[-1] if errors else "", ""
+    internal = [ln for ln in lines if ln.startswith("deploy: internal error: ")]  # exit 4: a bug caught by main
+    return rc, errors[-1] if errors else "", internal[-1] if internal else ""
 
 
 def run_case(case: Case, work: Path, calib: dict[str, Path]) -> list[Outcome]:
@@ -507,3 +508,96 @@ def test_fuzz_regression(tmp_path: Path, seed: int, index: int, before: str) -> 
     case = make_case(seed, index)
     for o in run_case(case, tmp_path, calib_dirs(tmp_path)):
         assert not problems(o), (case.steps, o)
+
+
+# -- issue 22: dtype and layer variants on every QDQ target; calibration folders with symlinks ---------------
+
+VARIANT_TARGETS = "tensorrt,ascend,onnxruntime"
+
+
+def test_fuzz_layer_and_dtype_variants_deploy(tmp_path: Path) -> None:
+    """Seeded variants (Conv / ConvTranspose with groups 1-2, Gemm biases [N] / [1, N] / scalar, the MLP; each
+    in float32, float16 or bfloat16) deploy on every QDQ target: exit 0 or 1 with a report, never a
+    refusal (2) nor an internal error."""
+    from reduced_models import variant, write_samples
+
+    seed = int(os.environ.get("DEPLOYER_FUZZ_SEED", "0"))
+    count = int(os.environ.get("DEPLOYER_FUZZ_VARIANTS", "10"))
+    bad = []
+    seen = set()
+    for i in range(count):
+        desc, model, shapes = variant(seed, i)
+        seen.add(desc)
+        d = tmp_path / f"v{i}"
+        d.mkdir()
+        onnx.save(model, str(d / "m.onnx"))
+        write_samples(d / "calib", shapes, n=6, seed=i)
+        rc, err, crash = run_cli(["--model", str(d / "m.onnx"), "--calib", str(d / "calib"), "--out", str(d / "out"),
+                                  "--target", VARIANT_TARGETS, "--quiet", "--no-cache"])
+        if crash or rc not in (0, 1) or not (d / "out" / "report.json").is_file():
+            bad.append(f"#{i} {desc}: exit {rc} {err or crash}")
+    print(f"variants: {sorted(seen)}")
+    assert not bad, "\n".join(bad)
+
+
+def _calib_folder_case(root: Path, rng: np.random.Generator) -> tuple[Path, bool, list[str]]:
+    """A calibration folder of 3-6 good samples plus up to three stacked oddities; returns (folder, whether a bad
+    symlink is inside, the oddities)."""
+    d = root / "calib"
+    d.mkdir(parents=True)
+    n = int(rng.integers(3, 7))
+    for i in range(n):
+        np.save(d / f"{i:02d}.npy", rng.uniform(-1, 1, (1, 8)).astype(np.float32))
+    outside = root / "outside.npy"
+    np.save(outside, np.zeros((1, 8), np.float32))
+    steps, bad_link = [], False
+    for k in range(int(rng.integers(0, 4))):
+        what = str(rng.choice(["self_loop", "pair_loop", "outside_link", "dangling", "inside_link", "foreign_text",
+                               "foreign_dir", "subfolder_link"]))
+        steps.append(what)
+        name = f"z{k}"
+        if what == "self_loop":
+            (d / f"{name}.npy").symlink_to(f"{name}.npy")
+            bad_link = True
+        elif what == "pair_loop":
+            (d / f"{name}a.npy").symlink_to(f"{name}b.npy")
+            (d / f"{name}b.npy").symlink_to(f"{name}a.npy")
+            bad_link = True
+        elif what == "outside_link":
+            (d / f"{name}.npy").symlink_to(outside)
+            bad_link = True
+        elif what == "dangling":
+            (d / f"{name}.npy").symlink_to(root / "gone.npy")
+            bad_link = True
+        elif what == "inside_link":
+            (d / f"{name}.npy").symlink_to("00.npy")
+        elif what == "foreign_text":
+            (d / f"{name}.txt").write_text("not a sample")
+        elif what == "foreign_dir":
+            (d / name).mkdir()
+        else:
+            (d / name).symlink_to(root)  # a folder link (not followed)
+    return d, bad_link, steps
+
+
+def test_fuzz_calibration_folders_with_symlinks(tmp_path: Path) -> None:
+    """Symlink loops, links outside, dangling links among the samples are an error naming the file (exit 2,
+    one line), never a silent skip; harmless extras (text files, folders, links inside) deploy."""
+    from reduced_models import gemm_bias
+
+    seed = int(os.environ.get("DEPLOYER_FUZZ_SEED", "0"))
+    count = int(os.environ.get("DEPLOYER_FUZZ_FOLDERS", "12"))
+    model = tmp_path / "m.onnx"
+    onnx.save(gemm_bias((5,)), str(model))
+    bad = []
+    for i in range(count):
+        rng = np.random.default_rng([seed, 22, i])
+        root = tmp_path / f"c{i}"
+        folder, bad_link, steps = _calib_folder_case(root, rng)
+        out = root / "plan.json"
+        rc, err, crash = run_cli(["plan", "--model", str(model), "--calib", str(folder), "--out", str(out), "--quiet",
+                                  "--no-cache"])
+        want = 2 if bad_link else 0
+        if crash or rc != want or (want == 2 and ("symlink" not in err or out.exists())):
+            bad.append(f"#{i} {steps}: exit {rc} (want {want}) {err or crash}")
+    assert not bad, "\n".join(bad)

@@ -17,7 +17,7 @@ import json
 import math
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from deployer.errors import PlanError
@@ -210,3 +210,121 @@ def test_regression_smoothing_not_an_object() -> None:
             assert "smoothing" in str(e)
         else:
             raise AssertionError(f"smoothing {bad!r} accepted")
+
+
+# -- issue 22: for any output folder state, deploy leaves it as it was or replaces only what it wrote --------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+OUTPUT_STATES = ("absent", "empty", "ours", "ours+foreign", "ours+nested_foreign", "foreign", "a_file",
+                 "read_only_ours", "symlink_to_ours")
+
+
+@pytest.fixture(scope="module")
+def deploy_inputs() -> object:
+    """A tiny model, its calibration folder and one deploy output of it (copied into each example)."""
+    import onnx
+
+    from deployer.cli import main
+    from test_cli_bad_input import tiny_model, write_calib
+
+    with tempfile.TemporaryDirectory(prefix="deployer-prop-") as d:
+        root = Path(d)
+        onnx.save(tiny_model(), str(root / "m.onnx"))
+        calib = write_calib(root / "calib", n=6)
+        ours = root / "ours"
+        assert main(_argv(root / "m.onnx", calib, ours, False)) == 0
+        yield root / "m.onnx", calib, ours
+
+
+def _argv(model: Path, calib: Path, out: Path, overwrite: bool) -> list[str]:
+    return ["--model", str(model), "--calib", str(calib), "--out", str(out), "--target", "tensorrt", "--quiet",
+            "--no-cache", "--no-bias-correction", *(["--overwrite"] if overwrite else [])]
+
+
+def _snapshot(path: Path) -> dict[str, tuple[str, bytes | str, int]] | None:
+    if not path.exists() and not path.is_symlink():
+        return None
+    entries = [path] if path.is_symlink() or not path.is_dir() else [path, *sorted(path.rglob("*"))]
+    out: dict[str, tuple[str, bytes | str, int]] = {}
+    for p in entries:
+        st = p.lstat()
+        kind = "link" if p.is_symlink() else "dir" if p.is_dir() else "file"
+        body: bytes | str = os.readlink(p) if kind == "link" else p.read_bytes() if kind == "file" else b""
+        out[str(p.relative_to(path))] = (kind, body, st.st_mode)
+    return out
+
+
+def _make_state(state: str, out: Path, ours: Path, foreign_name: str) -> None:
+    if state == "absent":
+        return
+    if state == "empty":
+        out.mkdir()
+    elif state == "a_file":
+        out.write_text("my file")
+    elif state == "foreign":
+        out.mkdir()
+        (out / foreign_name).write_text("mine")
+        (out / "plan.json").write_text("{}")  # looks like an output, but deploy did not write it
+    elif state == "symlink_to_ours":
+        shutil.copytree(ours, out.with_name("target"))
+        out.symlink_to(out.with_name("target"))
+    else:
+        shutil.copytree(ours, out)
+        if state == "ours+foreign":
+            (out / foreign_name).write_text("mine")
+        elif state == "ours+nested_foreign":
+            (out / "tensorrt" / foreign_name).write_text("mine")
+        elif state == "read_only_ours":
+            for p in [out, *out.rglob("*")]:
+                if p.is_dir():
+                    p.chmod(0o555)
+
+
+def _every_state(f):  # noqa: ANN001, ANN202 - each state once with --overwrite, besides the random draws
+    for state in OUTPUT_STATES:
+        f = example(state=state, overwrite=True, foreign_name="thesis.docx")(f)
+    return f
+
+
+@_every_state
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(state=st.sampled_from(OUTPUT_STATES), overwrite=st.booleans(),
+       foreign_name=st.sampled_from(["thesis.docx", "notes.txt", ".hidden", "report.json.bak", "z"]))
+def test_deploy_leaves_an_output_as_it_was_or_replaces_only_what_it_wrote(deploy_inputs: object, state: str,
+                                                                         overwrite: bool, foreign_name: str) -> None:
+    from deployer.cli import main
+    from deployer.output_dir import MANIFEST
+
+    model, calib, ours = deploy_inputs  # type: ignore[misc]
+    with tempfile.TemporaryDirectory(prefix="deployer-state-") as d:
+        out = Path(d) / "out"
+        _make_state(state, out, ours, foreign_name)
+        before = _snapshot(out)
+        old_manifest = (json.loads((out / MANIFEST).read_text()) if state != "a_file" and (out / MANIFEST).is_file()
+                        else None)
+        try:
+            rc = main(_argv(model, calib, out, overwrite))
+            after = _snapshot(out)
+        finally:
+            for p in [Path(d), *Path(d).rglob("*")]:
+                if p.is_dir() and not p.is_symlink():
+                    p.chmod(0o755)
+        assert rc in (0, 2), rc
+        assert sorted(x.name for x in Path(d).iterdir() if x.name.startswith(".out.tmp")) == []
+        if rc == 2:
+            assert after == before, f"{state}: a refused deploy changed the output"
+            return
+        # replaced: what was there before was empty or exactly what deploy had written
+        assert state in ("absent", "empty", "ours") and (state == "absent" or overwrite), state
+        if old_manifest is not None:
+            old = set(before or {}) - {".", MANIFEST}
+            assert old <= set(old_manifest["files"]) | set(old_manifest["dirs"])
+        new = json.loads((out / MANIFEST).read_text())
+        assert set(after or {}) - {".", MANIFEST} == set(new["files"]) | set(new["dirs"])

@@ -32,6 +32,7 @@ from backends.ascend.deploy_form import to_deploy_form
 from backends.base import Artifact, LoweringContext, onnx_runner, refuse_int4
 from deployer.errors import BadInputError, ExternalToolError, UnsupportedModelError
 from deployer.findings import Finding
+from deployer.float_nodes import float_nodes, float_nodes_note
 from deployer.graph import GraphView
 from deployer.plan import Precision, QuantPlan
 from deployer.qdq import QdqPolicy, lower_qdq
@@ -181,17 +182,17 @@ class AscendBackend:
             return False, "onnxruntime is not installed; pip install -e '.[ascend]'"
         return True, ""
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Option values checked before any model work (the SoC name against CANN's list).
+
+        Raises:
+            BadInputError: an unknown ``soc_version``.
+        """
+        validate_soc(options.get("soc_version") or DEFAULT_SOC_VERSION)
+
     def check(self, model: onnx.ModelProto) -> list[Finding]:
         """Every Ascend rule ``model`` breaks (see :mod:`backends.ascend.checker`)."""
         return check_model(model)
-
-    def validate_options(self, options: dict[str, Any]) -> None:
-        """Checked before any model work: ``soc_version`` must be a SoC CANN's ATC knows.
-
-        Raises:
-            BadInputError: unknown SoC (the message lists the known ones).
-        """
-        validate_soc(options.get("soc_version") or DEFAULT_SOC_VERSION)
 
     def lower(self, ctx: LoweringContext) -> Artifact:
         refuse_int4(ctx.plan, "ascend", "Ascend's ATC/AMCT quantization does not take (int8 weights only)")
@@ -259,6 +260,11 @@ class AscendBackend:
         else:
             notes.append("atc: not run (atc not on PATH); compile the deploy form with atc.sh: " + shlex.join(argv))
         mask_skips = [s for s in record.skipped if s["reason"].startswith("left in float")]
+        left_float = float_nodes(model, ctx.plan, ctx.reference, "ascend", record.skipped,
+                                 _policy_for(ctx.plan).weighted_ops, runs_fp16=True)
+        note = float_nodes_note(left_float)
+        if note:
+            notes.append(note)
         return Artifact(
             path=path, fp32_path=fp32_path, run=onnx_runner(model, optimize=False), fp32_run=None,
             verified_by=f"ONNX Runtime {_ort_version()} (CPU, graph optimizations off: exact Q/DQ arithmetic) "
@@ -269,7 +275,7 @@ class AscendBackend:
                    "int8_layers": len(deploy_rec.layers),
                    "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),
                    "checker_findings": [f.to_dict() for f in findings], "skipped": record.skipped,
-                   "left_in_float": len(mask_skips)},
+                   "left_in_float": len(mask_skips), "float_nodes": left_float},
         )
 
     @staticmethod

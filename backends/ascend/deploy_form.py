@@ -212,22 +212,24 @@ def _int8_layer(n: onnx.NodeProto, n2: onnx.NodeProto, act: tuple[onnx.NodeProto
             raise UnsupportedModelError(f"{n.name}: MatMul weight must be 2-D for Ascend quantization")
         oc_axis, red = 1, (0,)
     n_out = wq.shape[oc_axis]
-    if n.op_type == "ConvTranspose":
-        group = int(_attr(n, "group", 1))
-        n_out = wq.shape[1] * group
-    w_scale = np.broadcast_to(ws.reshape(-1), (n_out,)) if ws.size > 1 else np.full((n_out,), float(ws.reshape(-1)[0]))
+    # ConvTranspose weights are (C_in, C_out / group, kH, kW): output channel g * (C_out / group) + j
+    # uses per-channel weight scale j (ONNX ConvTranspose; the scale has C_out / group entries)
+    group = int(_attr(n, "group", 1)) if n.op_type == "ConvTranspose" else 1
+    n_out *= group
+    w_scale = np.tile(ws.reshape(-1), group) if ws.size > 1 else np.full((n_out,), float(ws.reshape(-1)[0]))
     w_scale = w_scale.astype(np.float32)
     bias_name = n.input[2] if len(n.input) > 2 and n.input[2] else None
-    b = inits[bias_name].astype(np.float64) if bias_name else np.zeros(n_out)
+    b = _bias_vector(n, inits[bias_name], n_out) if bias_name else np.zeros(n_out)
     # A dead channel (all-zero weight, scale clamped to ~1e-8) cannot hold its bias in int32 at
     # x_scale * w_scale: raise that channel's weight scale until the bias fits (2^30 leaves headroom) and requantize it; its weights are ~0, so the QDQ numerics are unchanged.
     need = (np.abs(b) / 2.0 ** 30 / x_scale).astype(np.float32)
     rescaled = np.nonzero(w_scale < need)[0]
     if rescaled.size:
         if ws.size > 1 and n.op_type in ("Conv", "ConvTranspose"):
-            w_scale = np.maximum(w_scale, need)
-            per = w_scale.reshape(shape) if n.op_type == "Conv" else w_scale[: wq.shape[1]].reshape(shape)
-            wq = np.clip(np.rint(w / per), -127, 127).astype(np.int8)
+            # one weight scale per kernel channel j, shared by the groups: the largest need among them
+            per_j = np.maximum(w_scale, need).reshape(group, -1).max(axis=0)
+            w_scale = np.tile(per_j, group)
+            wq = np.clip(np.rint(w / per_j.reshape(shape)), -127, 127).astype(np.int8)
         else:
             w_scale = np.full_like(w_scale, float(need.max()))
             wq = np.clip(np.rint(w / float(need.max())), -127, 127).astype(np.int8)
@@ -265,3 +267,24 @@ def _int8_layer(n: onnx.NodeProto, n2: onnx.NodeProto, act: tuple[onnx.NodeProto
         "bias_int32": [int(v) for v in bias_q] if bias_name else None,
         "rescaled_dead_channels": [int(c) for c in rescaled],
     }
+
+
+def _bias_vector(n: onnx.NodeProto, bias: np.ndarray, n_out: int) -> np.ndarray:
+    """The bias of a Conv/ConvTranspose/Gemm as one float64 value per output channel, shape ``(n_out,)``.
+
+    ONNX Gemm's C is unidirectionally broadcast to ``(M, N)``: shapes ``[N]``, ``[1, N]``, ``[1]`` and a
+    scalar are one value per output channel (a scalar repeats); Conv biases are ``[C_out]``.
+
+    Raises:
+        UnsupportedModelError: a bias that differs per row (``[M, N]``, ``[M, 1]`` with M > 1), which
+            an int32 per-channel bias cannot hold.
+    """
+    b = np.asarray(bias, dtype=np.float64)
+    if b.ndim >= 2 and any(d != 1 for d in b.shape[:-1]):
+        raise UnsupportedModelError(f"{n.name}: bias of shape {list(b.shape)} differs per row; Ascend's int32 bias "
+                                    f"holds one value per output channel (give a bias of shape [N] or [1, N])")
+    flat = b.reshape(-1)
+    if flat.size not in (1, n_out):
+        raise UnsupportedModelError(f"{n.name}: bias of shape {list(b.shape)} does not match {n_out} output "
+                                    f"channels; give one value per output channel")
+    return np.broadcast_to(flat, (n_out,)).astype(np.float64)

@@ -67,6 +67,7 @@ from backends.onnxruntime.throughput import (DEFAULT_SETTING, REPORT_GRID, Setti
                                              with_dynamic_batch)
 from calibration.dataset import Sample
 from deployer.errors import BadInputError, ExternalToolError
+from deployer.float_nodes import float_nodes, float_nodes_note
 from deployer.plan import Granularity, Precision, QuantPlan
 from deployer.qdq import QdqPolicy, lower_qdq
 
@@ -356,6 +357,17 @@ class OnnxRuntimeBackend:
             return False, "onnxruntime is not installed; pip install -e '.[onnxruntime]'"
         return True, ""
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Option values checked before any model work.
+
+        Raises:
+            BadInputError: an unknown ``ort_mode`` or ``ort_kernels``.
+        """
+        if (options.get("ort_mode") or "static") not in MODES:
+            raise BadInputError(f"--ort-mode {options.get('ort_mode')!r}: use static or dynamic")
+        if options.get("ort_kernels") is not None and options["ort_kernels"] not in KERNELS:
+            raise BadInputError(f"ort_kernels {options['ort_kernels']!r}: use u8u8 or u8s8")
+
     def lower(self, ctx: LoweringContext) -> Artifact:
         mode = ctx.options.get("ort_mode") or "static"
         reduce_range = bool(ctx.options.get("ort_reduce_range", True))
@@ -369,8 +381,10 @@ class OnnxRuntimeBackend:
         d.mkdir(parents=True, exist_ok=True)
         notes: list[str] = []
         extra: dict[str, Any] = {"mode": mode}
+        skipped: list[dict[str, str]] = []
         if mode == "static":
             model, record = lower_qdq(ctx.reference, ctx.plan, static_policy(kernels, reduce_range))
+            skipped = record.skipped
             extra.update({"activations": "uint8 asymmetric per-tensor (plan ranges)",
                           "weights": f"symmetric {bits}-bit per-channel, stored as "
                                      f"{'uint8 (zero point 128)' if kernels == 'u8u8' else 'int8'}",
@@ -389,6 +403,13 @@ class OnnxRuntimeBackend:
             model, extra["weight_only_int4"] = lower_int4(model, ctx.plan)
             notes.append(f"{extra['weight_only_int4']['nodes_int4']} MatMul/Gemm weight(s) in block-wise INT4 "
                          f"(MatMulNBits, block {extra['weight_only_int4']['block_size']}), activations float")
+        extra["float_nodes"] = float_nodes(model, ctx.plan, ctx.reference, "onnxruntime",
+                                           skipped,
+                                           static_policy(kernels, reduce_range).weighted_ops if mode == "static"
+                                           else None, runs_fp16=False)
+        note = float_nodes_note(extra["float_nodes"])
+        if note:
+            notes.append(note)
         islands = fp32_islands(ctx.reference, ctx.plan)
         if islands.get("fp16"):
             notes.append(f"{len(islands['fp16'])} FP16 node(s) of the plan run as FP32 islands (ONNX Runtime's CPU "

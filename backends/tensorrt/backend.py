@@ -28,6 +28,7 @@ from backends.tensorrt.engine import (EngineOptions, polygraphy_compare_argv, po
                                       tensorrt_version, trtexec_argv)
 from deployer.errors import ExternalToolError
 from deployer.findings import Finding
+from deployer.float_nodes import float_nodes, float_nodes_note
 from deployer.graph import GraphView, weight_channel_axis
 from deployer.plan import QuantPlan
 from deployer.qdq import LoweringRecord, QdqPolicy, lower_qdq
@@ -120,6 +121,14 @@ class TensorRTBackend:
         """TensorRT parser and placement rules (:mod:`backends.tensorrt.checker`) on any ONNX model."""
         return check_model(model)
 
+    def check_options(self, options: dict[str, Any]) -> None:
+        """Option values checked before any model work (the engine options).
+
+        Raises:
+            BadInputError: an unknown ``trt_hardware_compatibility``.
+        """
+        EngineOptions.from_backend_options(options, None)
+
     def lower(self, ctx: LoweringContext) -> Artifact:
         refuse_int4(ctx.plan, "tensorrt", "this TensorRT lowering does not emit (INT4 Q/DQ needs opset 21 block quantization)")
         model, record = lower_strongly_typed(ctx.reference, ctx.plan)
@@ -160,7 +169,12 @@ class TensorRTBackend:
                         "findings": [f.to_dict() for f in findings]},
             "quantized_activations": len(record.activations), "quantized_weights": len(record.weights),
             "fp16_nodes": record.fp16_nodes, "skipped": record.skipped, "engine": None,
+            "float_nodes": float_nodes(model, ctx.plan, ctx.reference, "tensorrt", record.skipped,
+                                       POLICY.weighted_ops, runs_fp16=True),
         }
+        note = float_nodes_note(extra["float_nodes"])
+        if note:
+            notes.append(note)
         if extra["tensorrt"] is None:
             notes.append("engine: not built (TensorRT not installed); build it on a GPU host with "
                          "build_engine.sh: " + shlex.join(argv) + " (or: " + shlex.join(poly) + ")")

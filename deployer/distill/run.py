@@ -469,6 +469,9 @@ def deploy_with_distill(model: Any, student: str, out_dir: str | Path, deploy_op
             raise
         shutil.rmtree(dopts.checkpoint_dir, ignore_errors=True)
         shutil.move(str(work / "distill"), str(out / "distill"))
+        from deployer.output_dir import add_to_manifest
+
+        add_to_manifest(out, ["distill"])  # written by this command: a later --overwrite may replace it
         result.report["distillation"] = {"report": "distill/distill_report.json",
                                          "parameter_ratio": res.report["parameter_ratio"],
                                          "fidelity": res.report["fidelity"]}
