@@ -34,7 +34,7 @@ from calibration.observers import (DEFAULT_EMA_MOMENTUM, HISTOGRAM_OBSERVERS, OB
                                    reduce_range)
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
-from deployer.gates import evaluate_gates, failed
+from deployer.gates import evaluate_gates, failed, speed_warning
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
@@ -700,6 +700,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                                   target_plan, tmp, inputs.calibration, dict(opts.backend_options),
                                   fp32_reference=inputs.reference)
             results[t] = _lower_and_verify(backends[t], ctx, ref_out, out_names, inputs, tmp, progress)
+            if results[t].extra.get("speed_warning"):
+                log(f"warning: {t}: {results[t].extra['speed_warning']}")
             for gate in results[t].extra.get("gates", {}).values():
                 gate["enforced"] = bool(opts.enforce_gates)  # reported always; exit 1 only when enforced
             if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference):
@@ -818,8 +820,11 @@ def _lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list
     if fp32_size:
         size["ratio"] = round(size["artifact"] / fp32_size, 4)
     extra = {k: v for k, v in art.extra.items()}
-    if art.throughput is not None:
-        extra["throughput_qps"] = art.throughput(inputs.heldout)
+    if art.throughput is not None:  # the speed record (deployer.speed) and its older aliases
+        from deployer.speed import aliases
+
+        extra["speed"] = art.throughput(inputs.heldout)
+        extra.update(aliases(extra["speed"]))
     if outputs is not None:
         fid.update(_task_metrics(inputs, ref_out, outputs))
         if inputs.labels is not None:
@@ -827,6 +832,9 @@ def _lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list
                                  "artifact": labelled_metrics(outputs, inputs.labels)}
     entry = {"fidelity": fid, "size_bytes": size, **extra}
     extra["gates"] = evaluate_gates(entry)
+    warning = speed_warning(entry)
+    if warning:
+        extra["speed_warning"] = warning
     return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, fid, art.verified_by, art.notes, extra)
 
 
