@@ -1,30 +1,33 @@
 """ONNX Runtime CPU backend: INT8 for CPU servers, static (QDQ from the plan's ranges) or dynamic.
 
+Kernel flavour (``--cpu``, :mod:`deployer.cpu`): how the INT8 nodes are stored depends on the deployment
+CPU's int8 instruction set (``--cpu auto``: the build machine's): **U8S8 with 8-bit weights** on VNNI/AMX
+(exact there, the fastest path); on AVX2/AVX-512 without VNNI, whose ``vpmaddubsw`` sums two u8 x s8
+products in int16 and saturates with 8-bit weights, **U8U8** in static mode (8-bit weights stored as
+uint8 with zero point 128; widened before multiplying, exact) and **U8S8 with 7-bit weights**
+(``reduce_range``) in dynamic mode; **S8S8** on ARM64. The plan is the same for every flavour; the report
+records ``kernel_flavour = {name, isa, why, ...}`` and ``build_cpu``. Where the flavour is not exact on
+the build machine (``--cpu amx`` built on an AVX2 host), fidelity is verified with exact Q/DQ arithmetic
+(optimizations off), which is what the deployment CPU's kernels compute. The internal options
+``ort_kernels`` / ``ort_reduce_range`` override the choice (benchmarks).
+
 Modes (``--ort-mode``):
 
 - ``static`` (default): the plan lowered as a QDQ ONNX (:mod:`deployer.qdq`) that ONNX Runtime fuses
   into its integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat, QLinearAdd ...). Activation
-  ranges come from the plan; activations are **uint8** asymmetric and weights int8 symmetric
-  per-channel with ``reduce_range`` (7-bit weights, |q| <= 63). Reason: ONNX Runtime's x86 U8S8
-  kernels on CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply with ``vpmaddubsw``, whose int16
-  sum of two u8 x s8 products saturates for full 8-bit weights (255 * 127 * 2 > 32767); 7-bit weights
-  keep it exact (255 * 63 * 2 < 32767). ONNX Runtime documents the same remedy ("reduce_range",
-  onnxruntime.quantization). Measured here (AVX2, no VNNI): a symmetric int8/int8 Q/DQ EfficientNet-Lite0
-  graph gave top-1 agreement 0.36 with graph optimizations on vs 0.94 with them off.
-- Kernels (API option ``ort_kernels``): ``u8u8`` (static default) stores the plan's symmetric 8-bit weights as
-  uint8 with zero point 128; ONNX Runtime's U8U8 kernels widen to int16 before multiplying and never
-  saturate. Measured here (AVX2, no VNNI), EfficientNet-Lite0, 300 held-out crops, same plan: U8U8
+  ranges come from the plan (asymmetric, per-tensor); weights symmetric per-channel. A Gemm's float bias
+  becomes int32 (:func:`backends.onnxruntime.flavours.int32_bias`) so that ONNX Runtime fuses it into
+  QGemm. Measured on an AVX2 EPYC (no VNNI), EfficientNet-Lite0, 300 held-out crops, same plan: U8U8
   fused 0.967 top-1 agreement (exact Q/DQ arithmetic 0.960); U8S8 with 7-bit weights 0.843; U8S8 with
-  8-bit weights 0.767. ``u8s8`` uses int8 weights, 7-bit with ``ort_reduce_range`` (default True);
-  on a VNNI CPU (``avx512_vnni``/``avx_vnni`` in /proc/cpuinfo) U8S8 with 8-bit weights is exact and
-  usually the fastest: pass ``ort_kernels="u8s8", ort_reduce_range=False`` there.
+  8-bit weights 0.767 (saturated); a symmetric S8S8 graph 0.36.
 - ``dynamic``: weights INT8 offline, activations quantized at run time (DynamicQuantizeLinear +
   MatMulInteger / ConvInteger), by ONNX Runtime's own ``quantize_dynamic`` on the FP32 model; the plan's
   non-INT8 nodes are passed as ``nodes_to_exclude``. The seed's rule "CPU -> dynamic quantization".
-  Kernels default to ``u8s8`` with 7-bit weights here (``reduce_range``; exact without VNNI): measured
-  on all-MiniLM-L6-v2, 1000 held-out fortunes texts (benchmarks/results/onnxruntime.md), U8S8 7-bit
-  gave topic accuracy 0.450 (FP32 0.450), cosine 0.991, at 1.47x FP32 (batch 32, 2 threads) and 1.77x
-  (batch 1, 1 thread), timed in alternation with U8U8 (0.441, cosine 0.9925, 1.16x and 1.43x).
+  Measured on the AVX2 EPYC, all-MiniLM-L6-v2, 1000 held-out fortunes texts: U8S8 7-bit gave topic
+  accuracy 0.450 (FP32 0.450), cosine 0.991, at 1.77x FP32 (batch 1, 1 thread) vs U8U8 0.441, 0.9925, 1.43x.
+
+Speed (``targets.onnxruntime.speed``, :mod:`backends.onnxruntime.speed`): FP32 vs artifact in alternating
+calls, medians, batch 1 and 1 thread as headline, batch 8 in the grid, sequence models in length buckets.
 
 FP16: ONNX Runtime's CPU provider has FP16 kernels for few ops (most would run through inserted Casts
 or fall back), so nodes the plan keeps in FP16 or FP32 stay **FP32 islands** here; the report lists them.
@@ -247,7 +250,8 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 
 class OnnxRuntimeBackend:
-    """INT8 ONNX for ONNX Runtime's CPU provider (static QDQ or dynamic), with throughput in the report."""
+    """INT8 ONNX for ONNX Runtime's CPU provider (static QDQ or dynamic) in the kernel flavour of the
+    deployment CPU, with its speed against FP32 in the report."""
 
     name = "onnxruntime"
     description = "INT8 ONNX for ONNX Runtime's CPU provider (static QDQ or dynamic); throughput in queries/s"
