@@ -185,6 +185,35 @@ def test_flavour_is_exact_against_the_plan(isa: str, name: str, tmp_path: Path) 
     assert float(np.mean(np.abs(out - ref))) <= 0.25 * lsb
 
 
+def test_transformer_adds_stay_float_cnn_residual_add_quantized(tmp_path: Path) -> None:
+    """The placement rule (flavours.float_add): a residual Add feeding a Conv is quantized (QLinearAdd between
+    QLinearConvs); a bias Add after a MatMul and an Add feeding LayerNormalization stay float, and the bias
+    becomes int32 so that ONNX Runtime fuses the MatMul with static shapes too."""
+    from onnx import TensorProto, helper
+
+    m, _, _, plan = setup("cnn")
+    q, rec = lower_qdq(m, plan, policy_for(choose_flavour("amx")))
+    assert "c1" in rec.activations and not any(s["node"] == "add" for s in rec.skipped)
+    m2, _, held, plan2 = setup("mlp")
+    q2, rec2 = lower_qdq(m2, plan2, policy_for(choose_flavour("amx")))
+    assert {s["node"] for s in rec2.skipped} >= {"fc1_bias", "fc2_bias"} and "m1" not in rec2.activations
+    assert int32_bias(q2) == ["fc1_bias", "fc2_bias"]
+    fused = op_counts(_ort_optimized(q2, tmp_path))  # static shapes: ONNX Runtime folds MatMul + Add into Gemm
+    assert fused.get("QGemm", 0) + fused.get("MatMulIntegerToFloat", 0) == 2 and "Gemm" not in fused, fused
+    ln = helper.make_node("LayerNormalization", ["s", "g", "b"], ["y"], name="ln", axis=-1)
+    add = helper.make_node("Add", ["x", "r"], ["s"], name="residual")
+    g = helper.make_graph([add, ln], "ln", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4, 8])
+                                             for n in ("x", "r")],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+                          [numpy_helper.from_array(np.ones(8, np.float32), "g"),
+                           numpy_helper.from_array(np.zeros(8, np.float32), "b")])
+    from deployer.graph import GraphView
+    from backends.onnxruntime.flavours import float_add
+
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    assert float_add(add, GraphView(model)) and not float_add(ln, GraphView(model))
+
+
 def test_int32_bias_makes_the_classifier_gemm_fuse(tmp_path: Path) -> None:
     m, _, held, plan = setup("cnn")
     q, _ = lower_qdq(m, plan, policy_for(choose_flavour("avx2")))
