@@ -41,6 +41,9 @@ def evaluate_gates(target: dict[str, Any], config: GateConfig = GateConfig()) ->
         gates["speed-per-fidelity"] = {"status": NA, "reason": "no primary fidelity metric"}
     elif speedup is None:
         gates["speed-per-fidelity"] = {"status": NA, "reason": "speed not measured for this target"}
+    elif (target.get("speed") or {}).get("same_cpu") is False:
+        gates["speed-per-fidelity"] = {"status": NA, "reason": "built for another CPU (--cpu): speed measured here "
+                                                               "does not apply", "speedup_here": round(speedup, 3)}
     else:
         loss = max(0.0, (1.0 - rel) * 100.0)
         needed = config.speed_per_fidelity_point * loss

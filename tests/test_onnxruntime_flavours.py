@@ -288,7 +288,8 @@ def test_speed_gate_reads_speed_ratio_and_warns_when_int8_is_slower() -> None:
     assert g["status"] == "fail" and g["speedup"] == 0.6 and g["required_speedup"] == 2.0
     assert "slower than FP32" in (speed_warning(entry) or "") and "0.60x" in (speed_warning(entry) or "")
     assert speed_warning({**entry, "speed": {**speed, "ratio": 1.4}}) is None
-    assert speed_warning({**entry, "speed": {**speed, "same_cpu": False}}) is None  # built for another CPU
+    other = {**entry, "speed": {**speed, "same_cpu": False}}  # built for another CPU (--cpu)
+    assert speed_warning(other) is None and evaluate_gates(other)["speed-per-fidelity"]["status"] == "not applicable"
     assert speed_warning({**entry, "speed": {**speed, "int8": False}}) is None
     tflite = {"fidelity": {"top1_agreement": 1.0}, "latency_ms": {"fp32": 2.0, "artifact": 4.0}}
     assert speed_ratio(tflite) == 0.5 and speed_warning(tflite)  # targets with latency_ms only still count

@@ -324,8 +324,8 @@ class OnnxRuntimeBackend:
 
         exact_here = exact_on(flavour, build.isa)
         if exact_here:
-            verified_by = (f"ONNX Runtime {onnxruntime.__version__} CPU provider, graph optimizations on (fused int8 "
-                           f"kernels, {kernels})")
+            verified_by = (f"ONNX Runtime {onnxruntime.__version__} CPU provider, graph optimizations on (its {kernels} "
+                           f"int8 kernels on this {build.isa} CPU)")
         else:  # the fused kernels here would saturate where the deployment CPU does not: verify its arithmetic
             verified_by = (f"ONNX Runtime {onnxruntime.__version__}, graph optimizations off (exact Q/DQ arithmetic: "
                            f"what {flavour.isa}'s fused kernels compute; this {build.isa} CPU's would saturate)")
