@@ -461,6 +461,11 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
         BadInputError: the first problem found.
     """
     opts = _checked_recovery(opts)
+    if opts.backend_options.get("cpu") is not None:  # --cpu: a bad value is refused before model work
+        from deployer.cpu import parse_cpu
+
+        opts = dataclasses.replace(opts, backend_options={**opts.backend_options,
+                                                          "cpu": parse_cpu(opts.backend_options["cpu"])})
     if targets is None:
         targets = resolve_targets(opts.targets, discover())
     if not with_plan and any(r.weight_bits == 4 for r in load_rules(opts.recipe)[1]):

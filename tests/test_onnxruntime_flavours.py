@@ -329,3 +329,12 @@ def test_report_records_flavour_build_cpu_and_speed(tmp_path: Path) -> None:
     assert t["speed"]["ratio"] == t["throughput_qps"]["speedup"] and t["latency_ms"]["artifact"] > 0
     assert t["gates"]["speed-per-fidelity"]["status"] in ("pass", "fail")  # measured, so the gate applies
     assert ("speed_warning" in t) == (t["speed"]["ratio"] < 1.0)
+
+
+def test_run_deploy_refuses_bad_cpu_in_preflight(tmp_path: Path) -> None:
+    from deployer.pipeline import DeployOptions, preflight
+
+    opts = preflight(DeployOptions(targets="onnxruntime", backend_options={"cpu": "AMX"}), ["onnxruntime"])
+    assert opts.backend_options["cpu"] == "amx"
+    with pytest.raises(BadInputError, match="--cpu 'vax'"):
+        preflight(DeployOptions(targets="onnxruntime", backend_options={"cpu": "vax"}), ["onnxruntime"])
