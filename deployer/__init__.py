@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # the pipeline imports onnx and the backends: loaded only whe
     from deployer.pipeline import DeployResult
 
 
-BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout", "input_shapes")
+BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout", "input_shapes", "cpu")
 
 
 def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", recipe: str = "int8",
@@ -64,7 +64,9 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
             dict or a number = cosine; None = those defaults). A target below it after escalation has
             ``result.targets[name].extra["verdict"]["ships"] == False`` (the CLI exits 1).
         backend_options: ``soc_version``, ``tflite_io``, ``tflite_layout``, ``input_shapes`` (the CLI's
-            ``--input-shapes`` grammar as a string or list, or ``{name: "1x3x224x224"}``); others are refused.
+            ``--input-shapes`` grammar as a string or list, or ``{name: "1x3x224x224"}``), ``cpu`` (the
+            onnxruntime target's deployment CPU, as ``--cpu``: ``auto``, ``avx2``, ``avx512``,
+            ``avx512-vnni``, ``avx-vnni``, ``amx``, ``arm64``; :mod:`deployer.cpu`); others are refused.
 
     Returns:
         :class:`deployer.pipeline.DeployResult`.
@@ -79,6 +81,10 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
     unknown = sorted(set(backend_options) - set(BACKEND_OPTIONS))
     if unknown:
         raise BadInputError(f"deploy(): unknown option(s) {unknown}; backend options are {list(BACKEND_OPTIONS)}")
+    if "cpu" in backend_options:  # checked before any model work
+        from deployer.cpu import parse_cpu
+
+        backend_options["cpu"] = parse_cpu(backend_options["cpu"])
     shapes = backend_options.get("input_shapes")
     if isinstance(shapes, dict) and not all(isinstance(v, ShapeRange) for v in shapes.values()):
         shapes = [f"{k}:{v if isinstance(v, str) else 'x'.join(str(d) for d in v)}" for k, v in shapes.items()

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ort-mode", default="static", choices=("static", "dynamic"),
                    help="onnxruntime target: static (QDQ, activation ranges from the plan; default) or dynamic "
                         "(INT8 weights, activations quantized at run time)")
+    p.add_argument("--cpu", default="auto", metavar="ISA",
+                   help="onnxruntime target: build for this deployment CPU (auto = this machine, avx2, avx512, "
+                        "avx512-vnni, avx-vnni, amx, arm64); the plan is the same, only the int8 kernel flavour changes")
     p.add_argument("--input-shapes", action="append", metavar="NAME:SHAPE",
                    help="static name:1x3x224x224 or dynamic name:MIN/OPT/MAX (TensorRT profiles, ATC dynamic "
                         "profiles); repeat or comma-separate for several inputs")
@@ -257,6 +260,9 @@ def cmd_deploy(argv: Sequence[str]) -> int:
     if a.soc_version:
         backend_options["soc_version"] = a.soc_version
     backend_options["ort_mode"] = a.ort_mode
+    from deployer.cpu import parse_cpu
+
+    backend_options["cpu"] = parse_cpu(a.cpu)  # a bad value: one line, exit 2, before any model work
     backend_options["tflite_mode"] = a.tflite_mode
     backend_options["tflite_per_tensor"] = a.tflite_per_tensor
     backend_options["strict"] = a.strict

@@ -24,7 +24,7 @@ import numpy as np
 
 from backends.base import Artifact, Backend, LoweringContext
 from deployer.errors import DeployerError
-from deployer.gates import evaluate_gates
+from deployer.gates import evaluate_gates, speed_warning
 from deployer.escalate import SAFETY_DB
 from deployer.judge import FidelityFloor, below_floor, floor_margin
 from deployer.plan import Precision, QuantPlan
@@ -111,8 +111,11 @@ def lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[
         size["ratio"] = round(size["artifact"] / fp32_size, 4)
     extra = {k: v for k, v in art.extra.items()}
     extra.setdefault("float_nodes", [])
-    if art.throughput is not None:
-        extra["throughput_qps"] = art.throughput(inputs.heldout)
+    if art.throughput is not None:  # the speed record (deployer.speed) and its older aliases
+        from deployer.speed import aliases
+
+        extra["speed"] = art.throughput(inputs.heldout)
+        extra.update(aliases(extra["speed"]))
     if outputs is not None:
         fid.update(task_metrics(inputs, ref_out, outputs))
         if inputs.labels is not None:
@@ -313,6 +316,9 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
                          {"status": "pass", "enforced": True} if res.fidelity else
                          {"status": "not applicable", "enforced": True, "reason": "artifact not run here"})
     res.extra["gates"] = gates
+    warning = speed_warning({"fidelity": res.fidelity, "size_bytes": res.size_bytes, **res.extra})
+    if warning:
+        res.extra["speed_warning"] = warning
     if misses:
         why = "below the fidelity floor" + (" (a given plan is not escalated)" if section["escalated"] is False and
                                             not escalate_ok else " after escalation" if section["escalated"] else "")

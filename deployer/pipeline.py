@@ -520,6 +520,11 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
     if opts.heldout_dir is not None and opts.eval_dir is not None:
         raise BadInputError("--heldout and --eval both replace the held-out set: give --eval DIR for labelled "
                             "data or --heldout DIR for unlabelled samples, not both")
+    if opts.backend_options.get("cpu") is not None:  # --cpu: a bad value is refused before model work
+        from deployer.cpu import parse_cpu
+
+        opts = dataclasses.replace(opts, backend_options={**opts.backend_options,
+                                                          "cpu": parse_cpu(opts.backend_options["cpu"])})
     backends = discover()
     if targets is None:
         targets = resolve_targets(opts.targets, backends)
@@ -719,6 +724,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                 continue
             if inputs.upcast.changed:
                 results[t].notes.append(inputs.upcast.note())
+            if results[t].extra.get("speed_warning"):
+                log(f"warning: {t}: {results[t].extra['speed_warning']}")
             for name, gate in results[t].extra.get("gates", {}).items():
                 if name != FLOOR_GATE:  # reported always; exit 1 only when enforced (the floor always is)
                     gate["enforced"] = bool(opts.enforce_gates)

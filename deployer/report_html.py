@@ -104,7 +104,15 @@ def format_size(size: dict[str, Any]) -> str:
 
 
 def format_latency(t: dict[str, Any]) -> str:
-    """Latency or throughput where a backend measured it (``latency_ms``, ``latency``, ``throughput_qps``)."""
+    """Speed where a backend measured it (``speed``, else ``latency_ms``, ``latency``, ``throughput_qps``)."""
+    sp = t.get("speed")
+    if isinstance(sp, dict) and isinstance(sp.get("ratio"), (int, float)):
+        text = (f"{sp.get('artifact_qps', 0):.1f} samples/s vs FP32 {sp.get('fp32_qps', 0):.1f} ({sp['ratio']:.2f}x), "
+                f"batch {sp.get('batch')}, {sp.get('threads')} thread(s)")
+        flavour = t.get("kernel_flavour") or {}
+        if flavour.get("name"):
+            text += f"; kernels {flavour['name']} for {flavour.get('isa')}"
+        return text
     tp = t.get("throughput_qps")
     if isinstance(tp, dict) and isinstance(tp.get("artifact"), (int, float)):
         text = f"{tp['artifact']:.1f} samples/s"
@@ -132,9 +140,11 @@ def _summary(report: dict[str, Any]) -> str:
         gates = format_gates(t.get("gates"))
         cls = "bad" if "FAIL" in gates else "ok" if gates.startswith("pass") else "muted"
         notes = "<br>".join(_e(n) for n in t.get("notes", []))
+        warn = t.get("speed_warning")  # an INT8 artifact slower than FP32 where it was built: red
+        speed_cls, speed_note = (' class="bad"', f"<br>{_e(warn)}") if warn else ("", "")
         rows.append(f"<tr><td><b>{_e(name)}</b></td><td><code>{_e(t.get('artifact', ''))}</code></td>"
                     f"<td>{_e(format_fidelity(t.get('fidelity', {})))}</td><td>{_e(format_size(t.get('size_bytes', {})))}</td>"
-                    f"<td>{_e(format_latency(t))}</td><td class=\"{cls}\">{_e(gates)}</td>"
+                    f"<td{speed_cls}>{_e(format_latency(t))}{speed_note}</td><td class=\"{cls}\">{_e(gates)}</td>"
                     f"<td>{_e(t.get('verified_by', ''))}</td><td>{notes}</td></tr>")
     head = "".join(f"<th>{h}</th>" for h in ("target", "artifact", "fidelity vs FP32", "size", "latency", "gates",
                                              "verified by", "notes"))

@@ -14,9 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 from backends.base import LoweringContext, discover, onnx_runner
 from backends.onnxruntime.backend import (POLICY, REDUCED_WEIGHT_QMAX, OnnxRuntimeBackend, artifact_name,
-                                          dynamic_exclusions, lower_dynamic, lower_int4, op_counts, static_policy,
-                                          throughput_grid)
-from backends.onnxruntime.throughput import Setting, batchable, with_dynamic_batch
+                                          dynamic_exclusions, lower_dynamic, lower_int4, op_counts, static_policy)
+from backends.onnxruntime.speed import measure_speed
+from backends.onnxruntime.throughput import batchable, with_dynamic_batch
+from deployer.cpu import choose_flavour, detect
+from deployer.speed import Point
 from calibration.collect import collect_statistics
 from calibration.dataset import CalibrationSet
 from deployer.errors import BadInputError
@@ -227,14 +229,17 @@ def test_backend_lower_and_throughput(tmp_path: Path, mode: str) -> None:
     assert art.path.name == f"model_int8_{mode}.onnx" and art.path.exists()
     assert (tmp_path / "onnxruntime" / "model_int8_optimized.onnx").exists()
     assert artifact_name(plan, mode) == (f"model_int8_{mode}.onnx", "model_int8_optimized.onnx")
-    assert art.extra["mode"] == mode and "cpu" in art.extra
-    assert art.extra["kernels"] == {"static": "u8u8", "dynamic": "u8s8"}[mode]
+    assert art.extra["mode"] == mode and art.extra["build_cpu"]["isa"] == detect().isa
+    flavour = choose_flavour(detect().isa, mode)  # --cpu auto: the build machine's flavour
+    assert art.extra["kernels"] == flavour.kernels and art.extra["kernel_flavour"]["name"] == flavour.name
     assert art.run is not None and art.throughput is not None
     out = np.concatenate([o[0] for o in art.run(list(held))])
     assert sqnr_db(_outputs(m, held), out) > 20.0
-    tp = art.throughput(list(held))
-    assert tp["fp32"] > 0 and tp["artifact"] > 0 and tp["setting"] == {"batch": 1, "threads": 1}
-    assert {(r["batch"], r["threads"]) for r in tp["grid"]} == {(1, 1), (1, 2), (8, 1), (8, 2)}
+    sp = art.throughput(list(held))
+    assert sp["fp32_qps"] > 0 and sp["artifact_qps"] > 0 and (sp["batch"], sp["threads"]) == (1, 1)
+    assert sp["ratio"] == pytest.approx(sp["artifact_qps"] / sp["fp32_qps"], rel=0.01)
+    assert sp["same_cpu"] is True and sp["int8"] is True and sp["cpu_flags"]["isa"] == detect().isa
+    assert [(r["batch"], r["threads"]) for r in sp["grid"]] == [(1, 1), (8, 1)]
 
 
 def test_int4_artifact_is_named_for_what_it_holds(tmp_path: Path) -> None:
@@ -266,8 +271,8 @@ def test_static_batch_folded_into_reshape_is_detected(capfd: pytest.CaptureFixtu
     assert not batchable(with_dynamic_batch(m), list(s))
     assert "onnxruntime" not in capfd.readouterr().err  # the failed probe logs no error line
     assert batchable(with_dynamic_batch(mlp()), list(_samples(mlp(), 4, 0)))
-    tp = throughput_grid(m, m, list(s), grid=(Setting(1, 1), Setting(2, 1)), repeats=1, min_seconds=0.01)
-    assert [r["batch"] for r in tp["grid"]] == [1] and tp["notes"]
+    sp = measure_speed(m, m, list(s), grid=(Point(2, 1),), seconds=0.01)
+    assert [r["batch"] for r in sp["grid"]] == [1] and "static" in sp["notes"][0]
 
 
 def test_entry_point_registered() -> None:
@@ -289,6 +294,7 @@ def test_cli_and_api_end_to_end(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     t = report["targets"]["onnxruntime"]
     assert t["mode"] == "dynamic" and t["throughput_qps"]["fp32"] > 0 and t["fidelity"]["sqnr_db"]
+    assert t["speed"]["ratio"] > 0 and t["latency_ms"]["fp32"] > 0 and t["kernel_flavour"]["isa"] == detect().isa
 
 
 def test_recommend_cpu_is_onnxruntime_dynamic() -> None:

@@ -1,30 +1,33 @@
 """ONNX Runtime CPU backend: INT8 for CPU servers, static (QDQ from the plan's ranges) or dynamic.
 
+Kernel flavour (``--cpu``, :mod:`deployer.cpu`): how the INT8 nodes are stored depends on the deployment
+CPU's int8 instruction set (``--cpu auto``: the build machine's): **U8S8 with 8-bit weights** on VNNI/AMX
+(exact there, the fastest path); on AVX2/AVX-512 without VNNI, whose ``vpmaddubsw`` sums two u8 x s8
+products in int16 and saturates with 8-bit weights, **U8U8** in static mode (8-bit weights stored as
+uint8 with zero point 128; widened before multiplying, exact) and **U8S8 with 7-bit weights**
+(``reduce_range``) in dynamic mode; **S8S8** on ARM64. The plan is the same for every flavour; the report
+records ``kernel_flavour = {name, isa, why, ...}`` and ``build_cpu``. Where the flavour is not exact on
+the build machine (``--cpu amx`` built on an AVX2 host), fidelity is verified with exact Q/DQ arithmetic
+(optimizations off), which is what the deployment CPU's kernels compute. The internal options
+``ort_kernels`` / ``ort_reduce_range`` override the choice (benchmarks).
+
 Modes (``--ort-mode``):
 
 - ``static`` (default): the plan lowered as a QDQ ONNX (:mod:`deployer.qdq`) that ONNX Runtime fuses
   into its integer kernels (QLinearConv, QGemm, MatMulIntegerToFloat, QLinearAdd ...). Activation
-  ranges come from the plan; activations are **uint8** asymmetric and weights int8 symmetric
-  per-channel with ``reduce_range`` (7-bit weights, |q| <= 63). Reason: ONNX Runtime's x86 U8S8
-  kernels on CPUs without VNNI (AVX2, AVX-512 without VNNI) multiply with ``vpmaddubsw``, whose int16
-  sum of two u8 x s8 products saturates for full 8-bit weights (255 * 127 * 2 > 32767); 7-bit weights
-  keep it exact (255 * 63 * 2 < 32767). ONNX Runtime documents the same remedy ("reduce_range",
-  onnxruntime.quantization). Measured here (AVX2, no VNNI): a symmetric int8/int8 Q/DQ EfficientNet-Lite0
-  graph gave top-1 agreement 0.36 with graph optimizations on vs 0.94 with them off.
-- Kernels (API option ``ort_kernels``): ``u8u8`` (static default) stores the plan's symmetric 8-bit weights as
-  uint8 with zero point 128; ONNX Runtime's U8U8 kernels widen to int16 before multiplying and never
-  saturate. Measured here (AVX2, no VNNI), EfficientNet-Lite0, 300 held-out crops, same plan: U8U8
+  ranges come from the plan (asymmetric, per-tensor); weights symmetric per-channel. A Gemm's float bias
+  becomes int32 (:func:`backends.onnxruntime.flavours.int32_bias`) so that ONNX Runtime fuses it into
+  QGemm. Measured on an AVX2 EPYC (no VNNI), EfficientNet-Lite0, 300 held-out crops, same plan: U8U8
   fused 0.967 top-1 agreement (exact Q/DQ arithmetic 0.960); U8S8 with 7-bit weights 0.843; U8S8 with
-  8-bit weights 0.767. ``u8s8`` uses int8 weights, 7-bit with ``ort_reduce_range`` (default True);
-  on a VNNI CPU (``avx512_vnni``/``avx_vnni`` in /proc/cpuinfo) U8S8 with 8-bit weights is exact and
-  usually the fastest: pass ``ort_kernels="u8s8", ort_reduce_range=False`` there.
+  8-bit weights 0.767 (saturated); a symmetric S8S8 graph 0.36.
 - ``dynamic``: weights INT8 offline, activations quantized at run time (DynamicQuantizeLinear +
   MatMulInteger / ConvInteger), by ONNX Runtime's own ``quantize_dynamic`` on the FP32 model; the plan's
   non-INT8 nodes are passed as ``nodes_to_exclude``. The seed's rule "CPU -> dynamic quantization".
-  Kernels default to ``u8s8`` with 7-bit weights here (``reduce_range``; exact without VNNI): measured
-  on all-MiniLM-L6-v2, 1000 held-out fortunes texts (benchmarks/results/onnxruntime.md), U8S8 7-bit
-  gave topic accuracy 0.450 (FP32 0.450), cosine 0.991, at 1.47x FP32 (batch 32, 2 threads) and 1.77x
-  (batch 1, 1 thread), timed in alternation with U8U8 (0.441, cosine 0.9925, 1.16x and 1.43x).
+  Measured on the AVX2 EPYC, all-MiniLM-L6-v2, 1000 held-out fortunes texts: U8S8 7-bit gave topic
+  accuracy 0.450 (FP32 0.450), cosine 0.991, at 1.77x FP32 (batch 1, 1 thread) vs U8U8 0.441, 0.9925, 1.43x.
+
+Speed (``targets.onnxruntime.speed``, :mod:`backends.onnxruntime.speed`): FP32 vs artifact in alternating
+calls, medians, batch 1 and 1 thread as headline, batch 8 in the grid, sequence models in length buckets.
 
 FP16: ONNX Runtime's CPU provider has FP16 kernels for few ops (most would run through inserted Casts
 or fall back), so nodes the plan keeps in FP16 or FP32 stay **FP32 islands** here; the report lists them.
@@ -63,76 +66,20 @@ import numpy as np
 import onnx
 
 from backends.base import Artifact, LoweringContext, int4_nodes, onnx_runner
-from backends.onnxruntime.throughput import (DEFAULT_SETTING, REPORT_GRID, Setting, batchable, measure_pair, session,
-                                             with_dynamic_batch)
+from backends.onnxruntime import speed as ort_speed
+from backends.onnxruntime.flavours import (KERNELS, ORT_OPSET, REDUCED_WEIGHT_QMAX, flavour_for, int32_bias,  # noqa: F401
+                                           policy_for, static_policy)
 from calibration.dataset import Sample
+from deployer.cpu import detect, exact_on
 from deployer.errors import BadInputError, ExternalToolError
 from deployer.float_nodes import float_nodes, float_nodes_note
 from deployer.plan import Granularity, Precision, QuantPlan
-from deployer.qdq import QdqPolicy, lower_qdq
+from deployer.qdq import lower_qdq
 
-ORT_OPSET = 17
 MODES = ("static", "dynamic")
-REDUCED_WEIGHT_QMAX = 63  # 7-bit weights: ONNX Runtime's reduce_range
-
-
-def _per_channel(node: onnx.NodeProto, w: np.ndarray) -> int | None:
-    """Output-channel axis: Conv 0, Gemm 0 (transB=1) / 1 (transB=0), MatMul with a 2-D weight 1."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-        return 0 if trans_b else 1
-    if node.op_type == "MatMul" and w.ndim == 2:
-        return 1
-    return None
-
-
-KERNELS = ("u8u8", "u8s8")
-
-
-def static_policy(kernels: str = "u8u8", reduce_range: bool = True) -> QdqPolicy:
-    """ONNX Runtime placement: inputs of Conv/Gemm/MatMul and of the ops it has QLinear kernels for
-    (Add, pooling), so each quantized op's output meets the next Q and fuses; uint8 activations.
-
-    ``kernels="u8u8"``: symmetric 8-bit weights stored as uint8 with zero point 128 (exact on any x86);
-    ``"u8s8"``: int8 weights, 7-bit when ``reduce_range``.
-    """
-    return QdqPolicy(
-        weighted_ops=frozenset({"Conv", "Gemm", "MatMul"}),
-        per_channel=_per_channel,
-        activation_ops=frozenset({"Add", "AveragePool", "GlobalAveragePool"}),
-        activation_matmul=True,
-        residual_skip_only=False,
-        symmetric_activations=False,
-        weight_as_qdq=False,
-        fp16=False,
-        opset=ORT_OPSET,
-        activation_dtype="uint8",
-        weight_dtype="uint8" if kernels == "u8u8" else "int8",
-        weight_qmax=REDUCED_WEIGHT_QMAX if (reduce_range and kernels == "u8s8") else 127,
-    )
 
 
 POLICY = static_policy()
-
-
-def cpu_features() -> dict[str, Any]:
-    """CPU model and the instruction-set flags that decide ONNX Runtime's int8 kernel path (Linux)."""
-    flags: set[str] = set()
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    vnni = bool({"avx512_vnni", "avx_vnni", "amx_int8"} & flags)
-    return {"model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
-            "vnni": vnni, "int8_path": "VNNI (no int16 saturation)" if vnni else
-            "AVX2/AVX-512 u8s8 via vpmaddubsw (int16 saturation: needs reduce_range)"}
 
 
 class _QuantizerNoise(logging.Filter):
@@ -303,44 +250,9 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def throughput_grid(fp32: onnx.ModelProto, artifact: onnx.ModelProto, samples: Sequence[Sample],
-                    grid: Sequence[Setting] = REPORT_GRID, default: Setting = DEFAULT_SETTING,
-                    repeats: int = 3, min_seconds: float = 0.2) -> dict[str, Any]:
-    """``throughput_qps`` of the report: FP32 vs artifact at ``default`` plus the full ``grid``.
-
-    Settings with batch > 1 are measured only when both models give per-sample results with a
-    symbolic batch dimension (a static export may fold the batch size into its Reshapes).
-    """
-    fp32_b, art_b = with_dynamic_batch(fp32), with_dynamic_batch(artifact)
-    can_batch = batchable(fp32_b, samples) and batchable(art_b, samples, exact=False)
-    rows, notes = [], []
-    for s in dict.fromkeys([default, *grid]):
-        if s.batch > 1 and not can_batch:
-            notes.append(f"batch {s.batch}: not measured (the model's batch dimension is static)")
-            continue
-        if len(samples) < s.batch:
-            notes.append(f"batch {s.batch}: not measured (only {len(samples)} samples)")
-            continue
-        f, a = measure_pair([fp32_b, art_b], samples, s, repeats, min_seconds)
-        rows.append({"batch": s.batch, "threads": s.threads, "fp32": round(f, 2), "artifact": round(a, 2),
-                     "speedup": round(a / f, 3)})
-    head = next(r for r in rows if r["batch"] == default.batch and r["threads"] == default.threads)
-    return {"fp32": head["fp32"], "artifact": head["artifact"], "speedup": head["speedup"],
-            "setting": {"batch": default.batch, "threads": default.threads}, "grid": rows,
-            "repeats": repeats, "statistic": "median samples/s over repeats, FP32 and INT8 timed in alternation",
-            "load_average": _load_average(), "notes": sorted(set(notes)),
-            "cpu": cpu_features()}
-
-
-def _load_average() -> float | None:
-    try:
-        return float(Path("/proc/loadavg").read_text(encoding="utf-8").split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 class OnnxRuntimeBackend:
-    """INT8 ONNX for ONNX Runtime's CPU provider (static QDQ or dynamic), with throughput in the report."""
+    """INT8 ONNX for ONNX Runtime's CPU provider (static QDQ or dynamic) in the kernel flavour of the
+    deployment CPU, with its speed against FP32 in the report."""
 
     name = "onnxruntime"
     description = "INT8 ONNX for ONNX Runtime's CPU provider (static QDQ or dynamic); throughput in queries/s"
@@ -370,26 +282,26 @@ class OnnxRuntimeBackend:
 
     def lower(self, ctx: LoweringContext) -> Artifact:
         mode = ctx.options.get("ort_mode") or "static"
-        reduce_range = bool(ctx.options.get("ort_reduce_range", True))
-        kernels = ctx.options.get("ort_kernels") or ("u8s8" if mode == "dynamic" else "u8u8")
-        if kernels not in KERNELS:
-            raise BadInputError(f"ort_kernels {kernels!r}: use u8u8 or u8s8")
-        bits = 7 if (reduce_range and kernels == "u8s8") else 8
         if mode not in MODES:
             raise BadInputError(f"--ort-mode {mode!r}: use static or dynamic")
+        build = detect()
+        flavour = flavour_for(ctx.options, mode, build.isa)
+        kernels, reduce_range = flavour.kernels, flavour.reduce_range
+        bits = 7 if reduce_range else 8
         d = ctx.out_dir / "onnxruntime"
         d.mkdir(parents=True, exist_ok=True)
         notes: list[str] = []
         extra: dict[str, Any] = {"mode": mode}
         skipped: list[dict[str, str]] = []
         if mode == "static":
-            model, record = lower_qdq(ctx.reference, ctx.plan, static_policy(kernels, reduce_range))
+            model, record = lower_qdq(ctx.reference, ctx.plan, policy_for(flavour))
             skipped = record.skipped
-            extra.update({"activations": "uint8 asymmetric per-tensor (plan ranges)",
+            extra.update({"activations": f"{flavour.activation_dtype} asymmetric per-tensor (plan ranges)",
                           "weights": f"symmetric {bits}-bit per-channel, stored as "
                                      f"{'uint8 (zero point 128)' if kernels == 'u8u8' else 'int8'}",
                           "quantized_activations": len(record.activations),
-                          "quantized_weights": len(record.weights), "skipped": record.skipped})
+                          "quantized_weights": len(record.weights), "skipped": record.skipped,
+                          "int32_bias": int32_bias(model)})
         else:
             model = lower_dynamic(ctx.fp32, ctx.plan, d, kernels, reduce_range)
             extra.update({"activations": "uint8, quantized at run time (DynamicQuantizeLinear)",
@@ -417,6 +329,8 @@ class OnnxRuntimeBackend:
         extra["fp32_islands"] = islands
         extra["kernels"] = kernels
         extra["weight_bits"] = bits
+        extra["kernel_flavour"] = flavour.to_dict()
+        extra["build_cpu"] = build.to_dict()
         name, opt_name = artifact_name(ctx.plan, mode)
         path = d / name
         onnx.save(model, str(path))
@@ -427,26 +341,34 @@ class OnnxRuntimeBackend:
         extra["optimized_model"] = {"file": opt_path.name, "level": "extended", "seconds": round(seconds, 3),
                                     "runtime_level": "all", "op_counts": op_counts(onnx.load(str(opt_path)))}
         extra["op_counts"] = op_counts(model)
-        extra["cpu"] = cpu_features()
-        if not extra["cpu"]["vnni"] and kernels == "u8s8" and not reduce_range:
-            notes.append("reduce_range off on a CPU without VNNI: ONNX Runtime's u8s8 kernels saturate int16 "
-                         "sums; expect large errors (pass ort_reduce_range=True)")
         import onnxruntime
 
+        exact_here = exact_on(flavour, build.isa)
+        if exact_here:
+            verified_by = (f"ONNX Runtime {onnxruntime.__version__} CPU provider, graph optimizations on (its {kernels} "
+                           f"int8 kernels on this {build.isa} CPU)")
+        else:  # the fused kernels here would saturate where the deployment CPU does not: verify its arithmetic
+            verified_by = (f"ONNX Runtime {onnxruntime.__version__}, graph optimizations off (exact Q/DQ arithmetic: "
+                           f"what {flavour.isa}'s fused kernels compute; this {build.isa} CPU's would saturate)")
+            notes.append(f"built for {flavour.isa} (--cpu) on a {build.isa} CPU: fidelity verified with exact Q/DQ "
+                         f"arithmetic; speed here says nothing about the deployment CPU")
+        if flavour.isa != build.isa:
+            notes.append(f"kernel flavour {flavour.name} for {flavour.isa} (build CPU: {build.isa})")
         fp32_model, art_model = ctx.fp32, model
-        do_tp = bool(ctx.options.get("ort_throughput", True))
+        do_speed = bool(ctx.options.get("ort_throughput", True))
+        int8 = any(op in extra["op_counts"] for op in ("QuantizeLinear", "DynamicQuantizeLinear", "MatMulNBits"))
 
-        def throughput(samples: Sequence[Sample]) -> dict[str, Any]:
-            return throughput_grid(fp32_model, art_model, samples,
-                                   repeats=int(ctx.options.get("ort_repeats", 3)))
+        def speed(samples: Sequence[Sample]) -> dict[str, Any]:
+            return ort_speed.measure_speed(fp32_model, art_model, samples,
+                                           seconds=float(ctx.options.get("ort_speed_seconds", 1.0)),
+                                           same_cpu=flavour.isa == build.isa, int8=int8)
 
         return Artifact(
-            path=path, fp32_path=fp32_path, run=onnx_runner(model, optimize=True),
-            fp32_run=onnx_runner(ctx.fp32, optimize=True),
-            verified_by=f"ONNX Runtime {onnxruntime.__version__} CPU provider, graph optimizations on (fused int8 kernels)",
-            notes=notes, files=[opt_path], extra=extra, throughput=throughput if do_tp else None,
+            path=path, fp32_path=fp32_path, run=onnx_runner(model, optimize=exact_here),
+            fp32_run=onnx_runner(ctx.fp32, optimize=True), verified_by=verified_by,
+            notes=notes, files=[opt_path], extra=extra, throughput=speed if do_speed else None,
         )
 
 
-__all__ = ["OnnxRuntimeBackend", "POLICY", "artifact_name", "quiet_quantizer_logs", "static_policy", "lower_dynamic",
-           "throughput_grid", "cpu_features", "session"]
+__all__ = ["OnnxRuntimeBackend", "POLICY", "artifact_name", "flavour_for", "int32_bias", "lower_dynamic", "policy_for",
+           "quiet_quantizer_logs", "static_policy"]

@@ -1,17 +1,11 @@
-"""Throughput of an ONNX model in ONNX Runtime's CPU provider, in queries (samples) per second.
-
-A measurement is the median over ``repeats`` timed runs; each timed run executes the batched model on
-consecutive batches of real samples for at least ``min_seconds`` (after one warm-up run) and counts
-samples, not calls. Batches are built by concatenating samples along axis 0 (a ``batcher`` may instead
-pad per batch, e.g. text trimmed to the longest sequence of the batch).
+"""ONNX Runtime CPU sessions for timing, and the batch-axis helpers the speed record needs
+(:mod:`backends.onnxruntime.speed` times them with :mod:`deployer.speed`): a symbolic batch axis
+(:func:`with_dynamic_batch`) and the check that a model then gives per-sample results (:func:`batchable`).
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +15,6 @@ import onnx
 from calibration.dataset import Sample
 
 Batcher = Callable[[Sequence[Sample]], dict[str, np.ndarray]]
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One point of the grid: batch size and intra-op threads."""
-
-    batch: int
-    threads: int
-
-
-DEFAULT_SETTING = Setting(batch=1, threads=1)
-REPORT_GRID = (Setting(1, 1), Setting(1, 2), Setting(8, 1), Setting(8, 2))
-BENCHMARK_GRID = (Setting(1, 1), Setting(1, 2), Setting(32, 1), Setting(32, 2))
 
 
 def concat_batcher(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
@@ -61,56 +42,6 @@ def session(model: onnx.ModelProto | str | Path, threads: int, level: str = "all
     }[level]
     src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
-
-
-def _batches(samples: Sequence[Sample], batch: int, batcher: Batcher) -> list[dict[str, np.ndarray]]:
-    if len(samples) < batch:
-        raise ValueError(f"{len(samples)} samples cannot fill a batch of {batch}")
-    return [batcher(samples[i:i + batch]) for i in range(0, len(samples) - batch + 1, batch)][:64]
-
-
-def _timed(sess: Any, batches: list[dict[str, np.ndarray]], batch: int, min_seconds: float) -> float:
-    n, i = 0, 0
-    t0 = time.perf_counter()
-    while True:
-        sess.run(None, batches[i % len(batches)])
-        n += batch
-        i += 1
-        dt = time.perf_counter() - t0
-        if dt >= min_seconds and i >= 2:
-            return n / dt
-
-
-def measure_qps(model: onnx.ModelProto | str | Path, samples: Sequence[Sample], setting: Setting,
-                repeats: int = 3, min_seconds: float = 0.3, batcher: Batcher = concat_batcher) -> float:
-    """Median samples per second of ``model`` over ``repeats`` timed runs at ``setting``.
-
-    Raises:
-        ValueError: fewer samples than one batch.
-    """
-    sess = session(model, setting.threads)
-    batches = _batches(samples, setting.batch, batcher)
-    sess.run(None, batches[0])  # warm-up (allocations, prepacking)
-    return float(statistics.median(_timed(sess, batches, setting.batch, min_seconds) for _ in range(repeats)))
-
-
-def measure_pair(models: Sequence[onnx.ModelProto | str | Path], samples: Sequence[Sample], setting: Setting,
-                 repeats: int = 3, min_seconds: float = 0.3, batcher: Batcher = concat_batcher) -> list[float]:
-    """Median samples/s of each model, timed in alternation (model A, B, A, B ...) so that load from
-    other processes on a shared machine falls on all of them alike.
-
-    Raises:
-        ValueError: fewer samples than one batch.
-    """
-    batches = _batches(samples, setting.batch, batcher)
-    sessions = [session(m, setting.threads) for m in models]
-    for s in sessions:
-        s.run(None, batches[0])
-    rates: list[list[float]] = [[] for _ in sessions]
-    for _ in range(repeats):
-        for k, s in enumerate(sessions):
-            rates[k].append(_timed(s, batches, setting.batch, min_seconds))
-    return [float(statistics.median(r)) for r in rates]
 
 
 def with_dynamic_batch(model: onnx.ModelProto) -> onnx.ModelProto:
