@@ -23,7 +23,9 @@ if TYPE_CHECKING:  # the pipeline imports onnx and the backends: loaded only whe
     from deployer.pipeline import DeployResult
 
 
-BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout", "input_shapes", "cpu")
+BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout", "tflite_mode", "tflite_per_tensor", "strict",
+                   "input_shapes", "cpu", "ort_mode", "trt_version_compatible", "trt_hardware_compatibility")
+"""Every backend option the CLI offers is a keyword of :func:`deploy` too (same names as the flags)."""
 
 
 def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", recipe: str = "int8",

@@ -38,3 +38,14 @@ def test_api_logs_through_the_deployer_logger_and_reports_progress(tmp_path: Pat
                         progress=lambda s, d, t: steps.append((s, d, t)))
     assert any("lowering to onnxruntime" in r.getMessage() for r in caplog.records if r.name == "deployer")
     assert steps and steps[-1][1] == steps[-1][2]  # calibration reported its progress to the end
+
+
+def test_api_accepts_every_backend_option_the_cli_offers() -> None:
+    """Regression (issue 20): deployer.deploy(..., ort_mode="dynamic") raised "unknown option"."""
+    import deployer
+    from deployer.cli import build_parser
+
+    cli_dests = {a.dest for a in build_parser()._actions}
+    for name in ("ort_mode", "tflite_mode", "tflite_per_tensor", "strict", "soc_version", "cpu",
+                 "trt_version_compatible", "trt_hardware_compatibility", "tflite_io", "tflite_layout"):
+        assert name in cli_dests and name in deployer.BACKEND_OPTIONS, name
