@@ -44,7 +44,7 @@ def test_reduced_case_deploys_on_every_qdq_target(tmp_path: Path, name: str, cap
     assert set(report["targets"]) == set(QDQ_TARGETS)
     for t, entry in report["targets"].items():
         sq = entry["fidelity"]["sqnr_db"]
-        assert all(v is None or v > 25 for v in sq.values()), (t, sq)  # a real INT8 artifact, close to FP32
+        assert sq is None or sq > 25, (t, sq)  # the worst output: a real INT8 artifact, close to FP32
         assert isinstance(entry["float_nodes"], list), t
         for f in entry["float_nodes"]:
             assert set(f) == {"node", "op", "precision", "reason"} and f["reason"], f
