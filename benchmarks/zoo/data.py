@@ -173,3 +173,21 @@ def mnist() -> tuple[np.ndarray, np.ndarray]:
     from deployer.examples.mnist import load_digits
 
     return load_digits()
+
+
+def nchw(img: np.ndarray, mean: float = 0.5, std: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3) -> float32 [1, 3, H, W] as ``(x / 255 - mean) / std`` (PaddleOCR's normalization)."""
+    return ((img.astype(np.float32) / 255.0 - mean) / std).transpose(2, 0, 1)[None].copy()
+
+
+def fit_line(img: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize a text-line image to ``height`` keeping its aspect (at most ``width``), right-pad with
+    the background colour to ``width``: uint8 (height, width, 3) (PaddleOCR's recognizer input rule)."""
+    from PIL import Image
+
+    w = min(width, max(8, int(round(img.shape[1] * height / img.shape[0]))))
+    line = np.asarray(Image.fromarray(img).resize((w, height), Image.BILINEAR))
+    out = np.empty((height, width, 3), np.uint8)
+    out[:] = img[0, 0]
+    out[:, :w] = line
+    return out
