@@ -265,3 +265,22 @@ def site_file(rel: str) -> Path:
     if not p.exists():
         raise FileNotFoundError(f"{p} missing from the installed package {pkg}")
     return p
+
+
+def from_example(name: str, cache_dir: str | os.PathLike[str], module_file: str, n_calib: int = N_CALIB,
+                 n_heldout: int = N_HELDOUT, **kwargs: Any) -> tuple[Path, list[Sample], list[Sample]]:
+    """A built-in deployer example's FP32 ONNX (cached) and its first calibration / held-out samples.
+
+    ``kwargs`` go to the example module's ``build`` (e.g. a smaller topic probe for minilm).
+    """
+    import importlib
+
+    import onnx
+
+    ex = importlib.import_module(f"deployer.examples.{name}").build(n_calib, n_heldout, 0, **kwargs)
+    path = entry_dir(cache_dir, name, module_file) / "model.onnx"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.onnx")
+        onnx.save(ex.model, str(tmp))
+        os.replace(tmp, path)
+    return path, list(ex.calibration)[:n_calib], list(ex.heldout)[:n_heldout]
