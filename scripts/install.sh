@@ -19,7 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.deployer-install"
-APT_PACKAGES=(fortune-mod fortunes chromium)
+APT_PACKAGES=(fortune-mod fortunes chromium espeak-ng)
 TORCH_PIN="torch==2.13.0"
 EXTRAS="tflite,tensorrt,ascend,onnxruntime,examples,test"
 # Their published dependencies would pull CUDA torch, sentence-transformers or pandas; what they

@@ -59,12 +59,17 @@ class ZooModel:
     notes: list[str] = field(default_factory=list)
 
     def passes(self, metrics: dict[str, float]) -> bool:
-        """Whether every thresholded metric in ``metrics`` meets its threshold (a missing one fails)."""
-        for k, (op, thr) in self.passing.items():
-            v = metrics.get(k)
-            if v is None or not np.isfinite(v) or (v < thr if op == ">=" else v > thr):
-                return False
-        return True
+        """Whether every thresholded metric in ``metrics`` meets its threshold (see :func:`passes`)."""
+        return passes(self.passing, metrics)
+
+
+def passes(passing: dict[str, tuple[str, float]], metrics: dict[str, float]) -> bool:
+    """Whether every metric of ``passing`` (``">="`` / ``"<="``, threshold) holds in ``metrics``; missing fails."""
+    for k, (op, thr) in passing.items():
+        v = metrics.get(k)
+        if v is None or not np.isfinite(v) or (v < thr if op == ">=" else v > thr):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- cache and export
