@@ -78,4 +78,9 @@ def header(title: str, recs: list[dict[str, Any]], baseline: str) -> list[str]:
     return [f"# {title}", "", f"{cpu}.", "",
             f"Run {dates[0]} to {dates[-1]} UTC with `benchmarks/zoo_run.py` (one `deployer.deploy` child process "
             f"per model and target group, defaults otherwise); raw records: `benchmarks/results/zoo/*.json`. "
-            f"{baseline}", ""]
+            f"{baseline}", "",
+            "Each model: 32 calibration and 32 held-out samples from disjoint sources (see the zoo list); `tflite` "
+            "is deployed alone and `tensorrt`, `ascend`, `onnxruntime` together in one deploy (one plan), so their "
+            "time and peak RSS are those of that shared child process (calibration, three lowerings, verification, "
+            "report). Times were measured on a machine shared with other jobs (load average 10-15 on 2 cores): "
+            "compare them with each other, not with a quiet machine.", ""]
