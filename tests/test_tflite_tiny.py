@@ -13,14 +13,13 @@ import numpy as np
 import onnx
 import pytest
 
-pytest.importorskip("tensorflow")
 pytest.importorskip("ai_edge_litert")
 torch = pytest.importorskip("torch")
 
 from ai_edge_litert.interpreter import Interpreter  # noqa: E402
 
 from backends.base import Artifact, LoweringContext, onnx_runner  # noqa: E402
-from backends.tflite.apply_plan import FIXED_OUTPUT, TIED_OPS  # noqa: E402
+from backends.tflite.quantize import FIXED_OUTPUT  # noqa: E402
 from backends.tflite.backend import TFLiteBackend  # noqa: E402
 from calibration.collect import collect_statistics  # noqa: E402
 from calibration.dataset import CalibrationSet  # noqa: E402

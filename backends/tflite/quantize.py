@@ -1,0 +1,212 @@
+"""Float ``.tflite`` -> full-integer ``.tflite`` with ai-edge-quantizer 0.10, honouring the plan's ranges.
+
+The plan's activation ranges are given to the quantizer as its calibration values
+(``{tflite_tensor: {"min", "max"}}``), so every mapped activation gets ``scale = (max - min) / 255``
+and the TFLite zero point (int8, asymmetric) or ``max(|min|, |max|) / 32767`` (16x8) from the same
+range the QDQ targets use. Weights: int8 symmetric per output channel (TFLite spec; per-tensor with
+``tflite_per_tensor``). Fixes for the quantizer's failures measured in issue 17:
+
+- BATCH_MATMUL with a constant operand got per-channel weights along the wrong axis (garbage): it
+  gets per-tensor weights;
+- mask paths (tensors with ``|value| >= MASK_MAGNITUDE``, or on the plan's mask paths) got ~1e36
+  scales and aborted the interpreter: every op touching one stays float (``float_nodes``);
+- int8 DIV failed to run: DIV stays float;
+- a weight so small that ``bias / (input_scale * weight_scale)`` leaves int32 overflowed the bias:
+  that op stays float;
+- rank-1 PADV2 pad values crashed it: made scalars first (:func:`backends.tflite.flatbuf.scalar_pad_values`).
+
+Runs in the worker child.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from backends.tflite import flatbuf
+from deployer.patterns import MASK_MAGNITUDE
+
+BIAS_OPS = {"CONV_2D": (1, 2, 0), "DEPTHWISE_CONV_2D": (1, 2, 3), "FULLY_CONNECTED": (1, 2, 0),
+            "TRANSPOSE_CONV": (1, 3, 0)}  # weight input, bias input, output-channel axis of the weight
+FIXED_OUTPUT = {"SOFTMAX": "fixed output parameters (scale 1/256, zero point -128; TFLite spec)",
+                "LOGISTIC": "fixed output parameters (scale 1/256, zero point -128; TFLite spec)",
+                "TANH": "fixed output parameters (scale 1/128, zero point 0; TFLite spec)"}
+INT32_MAX = 2**31 - 1
+
+
+@dataclass
+class Quantized:
+    """What :func:`quantize` made: the model and, per tensor, where its parameters came from."""
+
+    data: bytes
+    float_reasons: dict[str, str] = field(default_factory=dict)
+    deviations: list[dict[str, Any]] = field(default_factory=list)
+    from_plan: int = 0
+    without_plan_range: list[str] = field(default_factory=list)
+
+
+def absurd(lo: float, hi: float) -> bool:
+    """A range no activation scale can carry: non-finite or beyond MASK_MAGNITUDE (deployer.patterns)."""
+    return not (np.isfinite(lo) and np.isfinite(hi)) or max(abs(lo), abs(hi)) >= MASK_MAGNITUDE
+
+
+def act_params(lo: float, hi: float, int16: bool) -> tuple[float, int]:
+    """(scale, zero point) of a range under the TFLite spec: int8 asymmetric, int16 symmetric."""
+    from deployer.quant import asymmetric_params
+
+    if int16:
+        return max(abs(lo), abs(hi), 1e-8) / 32767.0, 0
+    return asymmetric_params(lo, hi)
+
+
+def _const(fb: Any, t: Any) -> np.ndarray | None:
+    if not flatbuf.is_constant(fb, t):
+        return None
+    raw = np.asarray(fb.buffers[t.buffer].data, np.uint8).tobytes()
+    dt = {0: np.float32, 2: np.int32, 4: np.int64, 9: np.int8}.get(t.type)
+    if dt is None:
+        return None
+    return np.frombuffer(raw, dt).reshape([int(x) for x in t.shape]) if t.shape is not None else np.frombuffer(raw, dt)
+
+
+def keep_float(data: bytes, qsv: dict[str, tuple[float, float]], masks: set[str], int16: bool,
+               per_tensor: bool) -> dict[str, str]:
+    """Ops (by output scope, ``a;b;``) that must stay float, with the reason."""
+    fb = flatbuf.load(data)
+    sg = fb.subgraphs[0]
+    keep: dict[str, str] = {}
+    for code, op in flatbuf.ops(fb):
+        outs = [sg.tensors[int(o)] for o in op.outputs if o >= 0]
+        scope = "".join(flatbuf.name(t) + ";" for t in outs)
+        ins = [sg.tensors[int(i)] for i in op.inputs if i >= 0]
+        touched = [flatbuf.name(t) for t in ins + outs if t.type in flatbuf.FLOAT_TYPES]
+        if any(n in masks for n in touched) or any(n in qsv and absurd(*qsv[n]) for n in touched):
+            keep[scope] = "mask path or sentinel values (|value| >= 1e4 or non-finite): no int8 scale can carry them"
+            continue
+        consts = [c for c in (_const(fb, t) for t in ins if t.type == 0) if c is not None and c.size]
+        if any(float(np.max(np.abs(c))) >= MASK_MAGNITUDE for c in consts):
+            keep[scope] = "a constant operand holds sentinel values (|value| >= 1e4)"
+            continue
+        if code == "DIV":
+            keep[scope] = "int8 DIV fails to run in LiteRT (issue 17); kept float"
+            continue
+        if code in BIAS_OPS and len(op.inputs) > BIAS_OPS[code][1] and op.inputs[BIAS_OPS[code][1]] >= 0:
+            wi, bi, axis = BIAS_OPS[code]
+            w, b = _const(fb, sg.tensors[int(op.inputs[wi])]), _const(fb, sg.tensors[int(op.inputs[bi])])
+            x = flatbuf.name(sg.tensors[int(op.inputs[0] if code != "TRANSPOSE_CONV" else op.inputs[2])])
+            if w is None or b is None or x not in qsv:
+                continue
+            s_in = act_params(*qsv[x], int16)[0]
+            red = tuple(a for a in range(w.ndim) if a != axis)
+            s_w = (np.max(np.abs(w)) if per_tensor else np.max(np.abs(w), axis=red)) / 127.0
+            s_b = np.maximum(s_in * s_w, 1e-30)
+            if np.any(np.abs(b.astype(np.float64)) / s_b > INT32_MAX):
+                keep[scope] = ("int32 bias overflow: the weights are too small for their bias "
+                               "(bias / (input_scale x weight_scale) > 2^31); kept float")
+    return keep
+
+
+def recipe(mode: str, per_tensor: bool, io: str, keep: dict[str, str]) -> list[dict[str, Any]]:
+    """The ai-edge-quantizer recipe: static int8 (or 16x8), later rules win."""
+    from ai_edge_quantizer import recipe as aeq_recipe
+
+    rules = aeq_recipe.static_wi8_ai16() if mode == "16x8" else aeq_recipe.static_wi8_ai8()
+    base = rules[0]
+    if per_tensor:
+        base["op_config"]["weight_tensor_config"]["granularity"] = "TENSORWISE"
+    bmm = copy.deepcopy(base)
+    bmm["operation"] = "BATCH_MATMUL"
+    bmm["op_config"]["weight_tensor_config"]["granularity"] = "TENSORWISE"
+    rules.append(bmm)
+    if io != "int8":  # float boundary (uint8 is made from it by modify_model_interface)
+        rules += [{"regex": ".*", "operation": op, "algorithm_key": "no_quantize"} for op in ("INPUT", "OUTPUT")]
+    if keep:
+        rules.append({"regex": "^(?:" + "|".join(re.escape(s) + "$" for s in keep) + ")", "operation": "*",
+                      "algorithm_key": "no_quantize"})
+    return rules
+
+
+def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[str, list[str]],
+             plan_ranges: dict[str, tuple[float, float]], masks: set[str], mode: str, per_tensor: bool,
+             io: str) -> Quantized:
+    """Quantize the float model with the plan's ranges; see the module docstring.
+
+    Args:
+        data: float ``.tflite``.
+        minmax: observed (min, max) of every float activation (TFLite names).
+        onnx_of: TFLite tensor -> value-verified ONNX tensors (best first).
+        plan_ranges: the plan's ONNX ranges.
+        masks: ONNX tensors on mask paths (never quantized).
+        mode: ``int8`` | ``16x8``; per_tensor: one weight scale per tensor; io: int8 | uint8 | float.
+    """
+    from ai_edge_quantizer import quantizer
+
+    data, _ = flatbuf.scalar_pad_values(data)
+    int16 = mode == "16x8"
+    qsv: dict[str, tuple[float, float]] = {}
+    src: dict[str, str] = {}
+    for t, (lo, hi) in minmax.items():
+        onnx_names = onnx_of.get(t, [])
+        hit = next((o for o in onnx_names if o in plan_ranges), None)
+        if hit is not None:
+            qsv[t], src[t] = plan_ranges[hit], hit
+        else:
+            qsv[t] = (lo, hi)
+    tfl_masks = {t for t, names in onnx_of.items() if any(o in masks for o in names)}
+    keep = keep_float(data, qsv, tfl_masks, int16, per_tensor)
+    q = quantizer.Quantizer(bytearray(data), recipe(mode, per_tensor, io, keep))
+    cal = {t: {"min": np.float32(lo), "max": np.float32(hi)} for t, (lo, hi) in qsv.items() if not absurd(lo, hi)}
+    cal.update({t: {"min": np.float32(-1.0), "max": np.float32(1.0)} for t, r in qsv.items() if absurd(*r)})
+    out = bytes(q.quantize(cal, enable_progress_report=False).quantized_model)
+    if io == "uint8":
+        out = _io_uint8(out)
+    res = Quantized(out)
+    fb = flatbuf.load(out)
+    sg = fb.subgraphs[0]
+    for code, op in flatbuf.ops(fb):
+        for o in op.outputs:
+            t = sg.tensors[int(o)]
+            nm = flatbuf.name(t)
+            if t.type in flatbuf.FLOAT_TYPES:
+                scope = "".join(flatbuf.name(sg.tensors[int(x)]) + ";" for x in op.outputs if x >= 0)
+                if scope in keep:
+                    res.float_reasons[nm] = keep[scope]
+                continue
+            if t.type not in flatbuf.INT_ACT_TYPES or t.quantization is None or t.quantization.scale is None:
+                continue
+            base = nm[: -len("_quantized")] if nm.endswith("_quantized") else nm
+            if base in src:
+                res.from_plan += 1
+                want = act_params(*qsv[base], int16)
+                got = (float(t.quantization.scale[0]), int(t.quantization.zeroPoint[0]))
+                if t.type == 3:  # uint8 boundary: zero point shifted by 128
+                    got = (got[0], got[1] - 128)
+                if abs(got[0] - want[0]) > 1e-6 * want[0] or got[1] != want[1]:
+                    res.deviations.append({"op": code, "tensor": nm, "onnx_tensor": src[base],
+                                           "plan": [float(qsv[base][0]), float(qsv[base][1])],
+                                           "scale": got[0], "zero_point": got[1],
+                                           "reason": FIXED_OUTPUT.get(code, "inputs and output share one scale and "
+                                                                            "zero point (TFLite spec / quantizer "
+                                                                            "constraint)")})
+            elif base in qsv:
+                res.without_plan_range.append(nm)
+    return res
+
+
+def _io_uint8(data: bytes) -> bytes:
+    """Float boundary -> uint8 model inputs/outputs (LiteRT's modify_model_interface tool)."""
+    from ai_edge_litert import _pywrap_modify_model_interface as mmi
+
+    with tempfile.TemporaryDirectory() as d:
+        src, dst = Path(d) / "in.tflite", Path(d) / "out.tflite"
+        src.write_bytes(data)
+        rc = mmi.modify_model_interface(str(src), str(dst), 3, 3)  # TensorType UINT8
+        if rc != 0:
+            raise RuntimeError(f"modify_model_interface returned {rc}")
+        return dst.read_bytes()
