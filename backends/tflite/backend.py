@@ -11,7 +11,8 @@ in a child process (:mod:`backends.tflite.child`): a native crash is one error l
 Report fields (``Artifact.extra``): ``io``, ``layout``, ``input_shapes`` (dynamic or fixed, and from
 where), ``float_nodes`` (``{node, op, reason}`` per op left float), ``float_ops`` (the same as
 ``{op, tensor, reason}``), ``plan_deviations`` (spec-forced parameters), ``tensors_from_plan``,
-``tensors_without_plan_range``, ``mapping`` (how many tensors were mapped, found by value, rejected).
+``tensors_without_plan_range``, ``plan_tensors`` (TFLite tensor -> the ONNX tensor whose plan
+range it carries), ``mapping`` (how many tensors were mapped, found by value, rejected).
 
 Options (``ctx.options``, CLI flags in brackets): ``tflite_io`` int8 | uint8 | float [--tflite-io];
 ``tflite_layout`` nhwc | nchw [--tflite-layout]; ``tflite_mode`` int8 | 16x8 [--tflite-mode];
@@ -106,6 +107,7 @@ class TFLiteBackend:
         ok, why = self.available()
         if not ok:
             raise BackendUnavailableError(f"tflite backend unavailable: {why}")
+        ctx.out_dir.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".tflite-work-", dir=ctx.out_dir))
         try:
             return self._lower(ctx, opts, work)
@@ -198,7 +200,7 @@ class TFLiteBackend:
             "weights": "int8 per-tensor" if opts.per_tensor else "int8 per-channel",
             "input_shapes": shapes, "float_nodes": float_nodes, "float_ops": res["float_ops"],
             "plan_deviations": res["deviations"], "tensors_from_plan": res["from_plan"],
-            "tensors_without_plan_range": res["without_plan_range"],
+            "tensors_without_plan_range": res["without_plan_range"], "plan_tensors": res["plan_tensors"],
             "mapping": {"mapped": res["mapped"], "by_value": res["by_value"], "rejected": res["rejected"],
                         "activations": res["activations"]},
             "converter": "onnx2tf 2.6.9 (flatbuffer_direct) + ai-edge-quantizer 0.10",

@@ -42,13 +42,15 @@ INT32_MAX = 2**31 - 1
 
 @dataclass
 class Quantized:
-    """What :func:`quantize` made: the model and, per tensor, where its parameters came from."""
+    """What :func:`quantize` made: the model and, per tensor, where its parameters came from
+    (``plan_tensors``: TFLite tensor -> the ONNX tensor whose plan range it carries)."""
 
     data: bytes
     float_reasons: dict[str, str] = field(default_factory=dict)
     deviations: list[dict[str, Any]] = field(default_factory=list)
     from_plan: int = 0
     without_plan_range: list[str] = field(default_factory=list)
+    plan_tensors: dict[str, str] = field(default_factory=dict)
 
 
 def absurd(lo: float, hi: float) -> bool:
@@ -183,11 +185,12 @@ def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[
             base = nm[: -len("_quantized")] if nm.endswith("_quantized") else nm
             if base in src:
                 res.from_plan += 1
+                res.plan_tensors[nm] = src[base]
                 want = act_params(*qsv[base], int16)
                 got = (float(t.quantization.scale[0]), int(t.quantization.zeroPoint[0]))
                 if t.type == 3:  # uint8 boundary: zero point shifted by 128
                     got = (got[0], got[1] - 128)
-                if abs(got[0] - want[0]) > 1e-6 * want[0] or got[1] != want[1]:
+                if abs(got[0] - want[0]) > 1e-6 * want[0] or abs(got[1] - want[1]) > 1:  # a tie rounds either way
                     res.deviations.append({"op": code, "tensor": nm, "onnx_tensor": src[base],
                                            "plan": [float(qsv[base][0]), float(qsv[base][1])],
                                            "scale": got[0], "zero_point": got[1],
