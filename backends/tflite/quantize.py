@@ -88,8 +88,11 @@ def keep_float(data: bytes, qsv: dict[str, tuple[float, float]], masks: set[str]
         scope = "".join(flatbuf.name(t) + ";" for t in outs)
         ins = [sg.tensors[int(i)] for i in op.inputs if i >= 0]
         touched = [flatbuf.name(t) for t in ins + outs if t.type in flatbuf.FLOAT_TYPES]
-        if any(n in masks for n in touched) or any(n in qsv and absurd(*qsv[n]) for n in touched):
-            keep[scope] = "mask path or sentinel values (|value| >= 1e4 or non-finite): no int8 scale can carry them"
+        huge = [n for n in touched if n in qsv and absurd(*qsv[n])]
+        if huge:
+            what = "attention-mask path" if any(n in masks for n in huge) else "sentinel values"
+            keep[scope] = (f"{what}: {huge[0]} holds |value| >= 1e4 or non-finite values, which no integer scale "
+                           f"can carry (kept float instead of a ~1e36 scale)")
             continue
         consts = [c for c in (_const(fb, t) for t in ins if t.type == 0) if c is not None and c.size]
         if any(float(np.max(np.abs(c))) >= MASK_MAGNITUDE for c in consts):
@@ -144,7 +147,7 @@ def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[
         minmax: observed (min, max) of every float activation (TFLite names).
         onnx_of: TFLite tensor -> value-verified ONNX tensors (best first).
         plan_ranges: the plan's ONNX ranges.
-        masks: ONNX tensors on mask paths (never quantized).
+        masks: ONNX tensors on mask paths (named in the reason when their values are sentinels).
         mode: ``int8`` | ``16x8``; per_tensor: one weight scale per tensor; io: int8 | uint8 | float.
     """
     from ai_edge_quantizer import quantizer
