@@ -8,7 +8,8 @@ plan's ranges as its calibration values (:mod:`backends.tflite.quantize`) -> ver
 interpreter, latency under XNNPACK with 1 thread. Every step that converts or loads a ``.tflite`` runs
 in a child process (:mod:`backends.tflite.child`): a native crash is one error line, exit 2.
 
-Report fields (``Artifact.extra``): ``io``, ``layout``, ``input_shapes`` (dynamic or fixed, and from
+Report fields (``Artifact.extra``): ``io``, ``layout``, ``runtime_layout`` (per input the axis permutation ONNX -> ``.tflite``,
+per output the ``.tflite`` output index and permutation back, as read from the file), ``input_shapes`` (dynamic or fixed, and from
 where), ``float_nodes`` (``{node, op, reason}`` per op left float), ``float_ops`` (the same as
 ``{op, tensor, reason}``), ``plan_deviations`` (spec-forced parameters), ``tensors_from_plan``,
 ``tensors_without_plan_range``, ``plan_tensors`` (TFLite tensor -> the ONNX tensor whose plan
@@ -198,7 +199,7 @@ class TFLiteBackend:
             "io": flatbuf.io_quantization(data), "layout": opts.layout, "io_type": opts.io_dtype,
             "activations": "int16" if opts.mode == "16x8" else "int8",
             "weights": "int8 per-tensor" if opts.per_tensor else "int8 per-channel",
-            "input_shapes": shapes, "float_nodes": float_nodes, "float_ops": res["float_ops"],
+            "input_shapes": shapes, "runtime_layout": layout, "float_nodes": float_nodes, "float_ops": res["float_ops"],
             "plan_deviations": res["deviations"], "tensors_from_plan": res["from_plan"],
             "tensors_without_plan_range": res["without_plan_range"], "plan_tensors": res["plan_tensors"],
             "mapping": {"mapped": res["mapped"], "by_value": res["by_value"], "rejected": res["rejected"],
