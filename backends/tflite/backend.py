@@ -180,6 +180,17 @@ class TFLiteBackend:
         notes.append(f"{res['from_plan']} activation tensors carry the plan's ranges; {len(res['deviations'])} follow "
                      f"the TFLite spec instead (plan_deviations); {len(res['without_plan_range'])} without a plan "
                      f"range take their min/max over {len(samples)} calibration samples (tensors_without_plan_range)")
+        if res["fitted_biases"]:
+            n_ch = sum(len(f["channels"]) for f in res["fitted_biases"])
+            notes.append(f"{n_ch} (nearly) dead weight channel(s) in {len(res['fitted_biases'])} op(s) got a larger "
+                         f"weight scale so their int32 bias fits (bias_fitted_channels)")
+        for dv in res["deviations"]:
+            levels = (dv["plan"][1] - dv["plan"][0]) / max(dv["scale"], 1e-30)
+            dv["levels"] = round(float(levels), 1)
+            if levels < 16:
+                notes.append(f"coarse: {dv['onnx_tensor']} (plan range [{dv['plan'][0]:.4g}, {dv['plan'][1]:.4g}]) is "
+                             f"requantized to scale {dv['scale']:.4g} at {dv['op']} ({levels:.1f} levels): "
+                             f"{dv['reason']}; most of its information is lost in int8 (try --tflite-mode 16x8)")
         if opts.mode == "16x8":
             notes.append("16x8: int16 activations (symmetric, zero point 0), int8 weights")
         if opts.per_tensor:
@@ -202,6 +213,7 @@ class TFLiteBackend:
             "input_shapes": shapes, "runtime_layout": layout, "float_nodes": float_nodes, "float_ops": res["float_ops"],
             "plan_deviations": res["deviations"], "tensors_from_plan": res["from_plan"],
             "tensors_without_plan_range": res["without_plan_range"], "plan_tensors": res["plan_tensors"],
+            "bias_fitted_channels": res["fitted_biases"],
             "mapping": {"mapped": res["mapped"], "by_value": res["by_value"], "rejected": res["rejected"],
                         "activations": res["activations"]},
             "converter": "onnx2tf 2.6.9 (flatbuffer_direct) + ai-edge-quantizer 0.10",

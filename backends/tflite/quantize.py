@@ -12,7 +12,7 @@ range the QDQ targets use. Weights: int8 symmetric per output channel (TFLite sp
   scales and aborted the interpreter: every op touching one stays float (``float_nodes``);
 - int8 DIV failed to run: DIV stays float;
 - a weight so small that ``bias / (input_scale * weight_scale)`` leaves int32 overflowed the bias:
-  that op stays float;
+  the channel's weight scale is raised (:func:`fit_biases`, reported); an op still overflowing stays float;
 - rank-1 PADV2 pad values crashed it: made scalars first (:func:`backends.tflite.flatbuf.scalar_pad_values`).
 
 Runs in the worker child.
@@ -51,6 +51,7 @@ class Quantized:
     from_plan: int = 0
     without_plan_range: list[str] = field(default_factory=list)
     plan_tensors: dict[str, str] = field(default_factory=dict)
+    fitted_biases: list[dict[str, Any]] = field(default_factory=list)
 
 
 def absurd(lo: float, hi: float) -> bool:
@@ -75,6 +76,55 @@ def _const(fb: Any, t: Any) -> np.ndarray | None:
     if dt is None:
         return None
     return np.frombuffer(raw, dt).reshape([int(x) for x in t.shape]) if t.shape is not None else np.frombuffer(raw, dt)
+
+
+def fit_biases(data: bytes, qsv: dict[str, tuple[float, float]], int16: bool, per_tensor: bool
+               ) -> tuple[bytes, list[dict[str, Any]]]:
+    """Raise the weight scale of channels whose int32 bias would overflow.
+
+    A (nearly) dead channel, e.g. a BatchNorm-folded one with weights ~1e-9 and a bias of several
+    units (EfficientNet-Lite0 has one in most blocks), gets ``weight_scale = max|w| / 127`` so small
+    that ``bias / (input_scale x weight_scale)`` leaves int32 (TFLite spec: bias scale = input scale x
+    weight scale). Its largest weight is set to ``127 x`` the smallest weight scale that keeps the bias
+    within 2^30 (a 2x margin): its other weights round to 0, so the channel computes its bias plus
+    that one weight (magnitude ``|bias| / (input_scale x 2^30) x 127``, ~1e-5 here), as TFLite's own
+    converter does when it raises such scales. Returns (model, ``{node, channels, max_weight}`` per op).
+    """
+    fb = flatbuf.load(data)
+    sg = fb.subgraphs[0]
+    changed = []
+    for code, op in flatbuf.ops(fb):
+        if code not in BIAS_OPS or len(op.inputs) <= BIAS_OPS[code][1] or op.inputs[BIAS_OPS[code][1]] < 0:
+            continue
+        wi, bi, axis = BIAS_OPS[code]
+        wt, bt = sg.tensors[int(op.inputs[wi])], sg.tensors[int(op.inputs[bi])]
+        w, b = _const(fb, wt), _const(fb, bt)
+        x = flatbuf.name(sg.tensors[int(op.inputs[0] if code != "TRANSPOSE_CONV" else op.inputs[2])])
+        if w is None or b is None or x not in qsv or w.dtype != np.float32 or absurd(*qsv[x]):
+            continue
+        s_in = act_params(*qsv[x], int16)[0]
+        need = np.abs(b.astype(np.float64)) / (s_in * 2.0**30)  # smallest weight scale per channel
+        w = np.array(w, copy=True)
+        wc = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+        if per_tensor:
+            have = np.full(len(wc), np.max(np.abs(wc)) / 127.0)
+            bad = np.flatnonzero(have < need)
+            if len(bad):
+                k = int(np.argmax(np.abs(wc).max(axis=1)))
+                j = int(np.argmax(np.abs(wc[k])))
+                wc[k, j] = np.sign(wc[k, j] or 1.0) * 127.0 * float(np.max(need))
+        else:
+            have = np.max(np.abs(wc), axis=1) / 127.0
+            bad = np.flatnonzero(have < need)
+            for c in bad:
+                j = int(np.argmax(np.abs(wc[c])))
+                wc[c, j] = np.sign(wc[c, j] or 1.0) * 127.0 * float(need[c])
+        if len(bad):
+            w = np.moveaxis(wc.reshape(np.moveaxis(w, axis, 0).shape), 0, axis).astype(np.float32)
+            fb.buffers[wt.buffer].data = np.frombuffer(w.tobytes(), np.uint8).copy()
+            changed.append({"node": flatbuf.name(sg.tensors[int(op.outputs[0])]), "op": code,
+                            "channels": [int(c) for c in bad], "max_weight": float(np.max(np.abs(wc[bad])))})
+    return (flatbuf.dump(fb) if changed else data), changed
 
 
 def keep_float(data: bytes, qsv: dict[str, tuple[float, float]], masks: set[str], int16: bool,
@@ -164,6 +214,7 @@ def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[
         else:
             qsv[t] = (lo, hi)
     tfl_masks = {t for t, names in onnx_of.items() if any(o in masks for o in names)}
+    data, fitted = fit_biases(data, qsv, int16, per_tensor)
     keep = keep_float(data, qsv, tfl_masks, int16, per_tensor)
     q = quantizer.Quantizer(bytearray(data), recipe(mode, per_tensor, io, keep))
     cal = {t: {"min": np.float32(lo), "max": np.float32(hi)} for t, (lo, hi) in qsv.items() if not absurd(lo, hi)}
@@ -171,7 +222,7 @@ def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[
     out = bytes(q.quantize(cal, enable_progress_report=False).quantized_model)
     if io == "uint8":
         out = _io_uint8(out)
-    res = Quantized(out)
+    res = Quantized(out, fitted_biases=fitted)
     fb = flatbuf.load(out)
     sg = fb.subgraphs[0]
     for code, op in flatbuf.ops(fb):

@@ -56,7 +56,7 @@ def _lower(job: Path, p: dict[str, Any]) -> None:
         q = quantize(data, m.minmax, m.onnx_of, ranges, set(p["masks"]), p["mode"], bool(p["per_tensor"]), p["io"])
         (job / "quantized.tflite").write_bytes(q.data)
         result.update(float_reasons=q.float_reasons, deviations=q.deviations, from_plan=q.from_plan,
-                      without_plan_range=q.without_plan_range, plan_tensors=q.plan_tensors)
+                      without_plan_range=q.without_plan_range, plan_tensors=q.plan_tensors, fitted_biases=q.fitted_biases)
     (job / "result.json").write_text(json.dumps(result))
 
 

@@ -1,0 +1,91 @@
+"""TFLite failure modes from issue 17, each reduced to a tiny graph: inputs of very different ranges
+meeting in a Concat (the small one must not be erased, and any coarser scale is reported), and native
+crashes of the LiteRT interpreter or the converter (one error line, exit 2, nothing left behind).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+pytest.importorskip("ai_edge_litert")
+pytest.importorskip("ai_edge_quantizer")
+pytest.importorskip("onnx2tf")
+
+from backends.base import LoweringContext, onnx_runner  # noqa: E402
+from backends.tflite.backend import TFLiteBackend, tflite_runner  # noqa: E402
+from backends.tflite.child import run_child  # noqa: E402
+from calibration.collect import collect_statistics  # noqa: E402
+from calibration.dataset import CalibrationSet  # noqa: E402
+from deployer.errors import DeployerError, ExternalToolError  # noqa: E402
+from deployer.pipeline import DeployOptions, Inputs, make_plan  # noqa: E402
+
+
+def _two_input_model() -> onnx.ModelProto:
+    """a in [0, 1] and b in [-100, 100] concatenated on channels, then a 1x1 conv that weighs a's
+    channels 50x (so a carries as much of the output as b)."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)
+    w[:, :4] *= 50
+    nodes = [helper.make_node("Concat", ["a", "b"], ["cat"], axis=1, name="cat"),
+             helper.make_node("Conv", ["cat", "w"], ["y"], name="conv")]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 4, 8, 8]),
+                                         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+                          [numpy_helper.from_array(w, "w")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _two_inputs(n: int, seed: int) -> CalibrationSet:
+    r = np.random.default_rng(seed)
+    return CalibrationSet([{"a": r.uniform(0, 1, (1, 4, 8, 8)).astype(np.float32),
+                            "b": r.uniform(-100, 100, (1, 4, 8, 8)).astype(np.float32)} for _ in range(n)])
+
+
+def test_small_input_meeting_a_large_one_is_not_erased(tmp_path) -> None:
+    model = _two_input_model()
+    cal = _two_inputs(16, 1)
+    plan = make_plan(Inputs(model, cal, cal, "generic", "t", "t"), collect_statistics(model, cal), DeployOptions())
+    art = TFLiteBackend().lower(LoweringContext(model, plan, tmp_path, cal, {"tflite_latency_runs": 0}))
+    # the model input keeps its own plan range (scale 1/255 for [0, 1]), not the Concat's
+    a_in = next(d for d in art.extra["io"]["inputs"] if d["name"] == "a")
+    assert a_in["scale"] == pytest.approx(plan.ranges["a"].max / 255, rel=1e-3)
+    held = _two_inputs(4, 2)
+    zeroed = CalibrationSet([{"a": np.zeros_like(s["a"]), "b": s["b"]} for s in held])
+    ref, got = onnx_runner(model), art.run
+    d_ref = np.stack([r[0] for r in ref(held)]) - np.stack([r[0] for r in ref(zeroed)])
+    d_got = np.stack([r[0] for r in got(held)]) - np.stack([r[0] for r in got(zeroed)])
+    assert np.linalg.norm(d_got) > 0.5 * np.linalg.norm(d_ref)  # zeroing a moves the TFLite output
+    cos = float(d_ref.ravel() @ d_got.ravel() / (np.linalg.norm(d_ref) * np.linalg.norm(d_got)))
+    assert cos > 0.85, cos  # ... in the direction the FP32 model moves
+    # where the TFLite spec forces the Concat's shared scale onto a, the report says so per tensor
+    coarse = [d for d in art.extra["plan_deviations"] if d["onnx_tensor"] == "a"]
+    assert all(d["scale"] > plan.ranges["a"].max / 255 for d in coarse)
+    assert not coarse or any("a" in n and "coarse" in n for n in art.notes), art.notes
+
+
+def test_native_crash_in_a_child_is_one_line(tmp_path) -> None:
+    with pytest.raises(ExternalToolError) as e:
+        run_child([sys.executable, "-c", "import os; print('Fatal error: kernel failed'); os.abort()"],
+                  "LiteRT run", tmp_path, "try --tflite-mode 16x8")
+    msg = str(e.value)
+    assert "\n" not in msg and "SIGABRT" in msg and "try --tflite-mode 16x8" in msg
+    assert e.value.exit_code == 2
+
+
+def test_interpreter_failure_in_the_runner_is_one_line_and_leaves_nothing(tmp_path) -> None:
+    import tempfile
+
+    bad = tmp_path / "broken.tflite"
+    bad.write_bytes(b"TFL3" + bytes(64))
+    layout = {"in_names": ["x"], "in_perms": [[0, 1]], "out_order": [0], "out_perms": [[0, 1]]}
+    before = set(Path(tempfile.gettempdir()).glob("deployer-tflite-run-*"))
+    with pytest.raises(DeployerError) as e:
+        tflite_runner(bad, layout)([{"x": np.zeros((1, 4), np.float32)}])
+    assert "\n" not in str(e.value) and "broken.tflite" in str(e.value)
+    assert set(Path(tempfile.gettempdir()).glob("deployer-tflite-run-*")) == before
