@@ -89,3 +89,29 @@ def test_interpreter_failure_in_the_runner_is_one_line_and_leaves_nothing(tmp_pa
         tflite_runner(bad, layout)([{"x": np.zeros((1, 4), np.float32)}])
     assert "\n" not in str(e.value) and "broken.tflite" in str(e.value)
     assert set(Path(tempfile.gettempdir()).glob("deployer-tflite-run-*")) == before
+
+
+def test_dead_channel_bias_fits_int32_and_stays_integer(tmp_path) -> None:
+    """A conv channel with ~1e-9 weights and a bias of 5 (a BatchNorm-folded dead channel): its
+    weight scale would put bias / (input_scale x weight_scale) far beyond int32. The backend raises
+    that channel's weight scale, reports it, and the conv stays integer and exact."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.3, (6, 3, 3, 3)).astype(np.float32)
+    w[2] = rng.normal(0, 1e-9, (3, 3, 3))
+    b = np.linspace(-1, 1, 6).astype(np.float32)
+    b[2] = 5.0
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["y"], name="relu")]
+    g = helper.make_graph(nodes, "dead", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 8, 8])],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    cal = CalibrationSet([{"x": rng.uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(8)])
+    plan = make_plan(Inputs(model, cal, cal, "generic", "t", "t"), collect_statistics(model, cal), DeployOptions())
+    art = TFLiteBackend().lower(LoweringContext(model, plan, tmp_path, cal, {"tflite_latency_runs": 0}))
+    assert art.extra["float_nodes"] == []
+    assert [f["channels"] for f in art.extra["bias_fitted_channels"]] == [[2]]
+    ref = np.stack([r[0] for r in onnx_runner(model)(cal)])
+    got = np.stack([r[0] for r in art.run(cal)])
+    np.testing.assert_allclose(got[:, :, 2], ref[:, :, 2], atol=0.05)  # NCHW: the dead channel outputs ~5
+    assert float(np.max(np.abs(got - ref))) < 0.1

@@ -1,5 +1,5 @@
 """TFLite lowering of a tiny transformer encoder block built in ONNX: token-id embedding (Gather),
-additive attention mask (Equal/Where), multi-head attention (batched MatMul, Transpose, Softmax),
+additive attention mask ((1 - mask) * float32 min), multi-head attention (batched MatMul, Transpose, Softmax),
 LayerNormalization and a decomposed LayerNorm (ReduceMean/Sub/Pow/Sqrt/Div), exact GELU (Erf chain),
 masked mean pooling (Unsqueeze/Cast/ReduceSum/Clip). Checks the FP32 ``.tflite`` against ONNX Runtime,
 the integer input dtype, and the full-integer model's closeness to FP32.
@@ -52,11 +52,11 @@ def _encoder(seed: int = 0) -> onnx.ModelProto:
     x = n("Add", [emb, w("pos", 1, S, D, scale=0.3)], "emb_pos")
     x = n("LayerNormalization", [x, const("ln0.g", np.ones(D, np.float32)), const("ln0.b", np.zeros(D, np.float32))],
           "ln0", axis=-1, epsilon=1e-12)
-    # additive mask [1, 1, 1, S]: 0 where attended, float32 min where padded
-    m4 = n("Unsqueeze", ["attention_mask", const("ax12", np.array([1, 2], np.int64))], "mask4")
-    pad = n("Equal", [m4, const("zero_i", np.array(0, np.int64))], "pad")
-    add_mask = n("Where", [pad, const("fmin", np.array(np.finfo(np.float32).min, np.float32)),
-                           const("fzero", np.array(0.0, np.float32))], "add_mask")
+    # additive mask [1, 1, 1, S] as transformers exports write it: (1 - mask) * float32 min
+    m4 = n("Cast", [n("Unsqueeze", ["attention_mask", const("ax12", np.array([1, 2], np.int64))], "mask4")],
+           "mask4f", to=TensorProto.FLOAT)
+    inv = n("Sub", [const("one_f", np.array(1.0, np.float32)), m4], "inv_mask")
+    add_mask = n("Mul", [inv, const("fmin", np.array(np.finfo(np.float32).min, np.float32))], "add_mask")
     # attention
     dh = D // H
     heads = const("heads_shape", np.array([1, S, H, dh], np.int64))
@@ -144,6 +144,36 @@ def lowered(tmp_path_factory):
     res = deployer.deploy(str(path), _samples(60, 0), targets="tflite", out_dir=tmp / "out", no_cache=True)
     sess = ort.InferenceSession(str(path))
     return res, sess
+
+
+def test_mask_block_leaves_no_temporary_folders(lowered) -> None:
+    res, _ = lowered
+    out = Path(res.out_dir)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["encoder.onnx", "out"]
+    assert not [p for p in out.rglob("*") if p.name.startswith((".tmp", ".tflite-work"))]
+
+
+def test_padded_tokens_do_not_move_the_tflite_outputs(lowered) -> None:
+    """Changing only the ids at padded positions (mask 0) must not change the embedding: the mask's
+    float32 minimum reaches the Softmax exactly (float island), not through a ~1e36 int8 scale."""
+    res, sess = lowered
+    path = Path(res.out_dir) / res.targets["tflite"].artifact
+    rng = np.random.default_rng(5)
+    base = [s for s in _samples(16, 9) if s["attention_mask"].sum() < S]
+    changed = []
+    for s in base:
+        ids = s["input_ids"].copy()
+        padded = s["attention_mask"][0] == 0
+        ids[0, padded] = rng.integers(1, V, int(padded.sum()))
+        changed.append({"input_ids": ids, "attention_mask": s["attention_mask"]})
+    a, _ = _run_tflite(path, base)
+    b, _ = _run_tflite(path, changed)
+    ref_a = [sess.run(None, s)[0] for s in base]
+    ref_b = [sess.run(None, s)[0] for s in changed]
+    assert max(float(np.max(np.abs(x - y))) for x, y in zip(ref_a, ref_b)) < 1e-4  # the FP32 model ignores them
+    scale = max(float(np.max(np.abs(x))) for x in a)
+    moved = max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+    assert moved <= 0.01 * scale, (moved, scale)
 
 
 def test_fp32_tflite_matches_onnxruntime_and_keeps_integer_inputs(lowered) -> None:
