@@ -359,17 +359,30 @@ def measure_latency(models: dict[str, Path], layout: dict[str, Any], sample: dic
                    f"3 warm-up runs"}
 
 
-def tflite_runner(path: Path, layout: dict[str, Any], threads: int = 2) -> Runner:
+def tflite_runner(path: Path, layout: dict[str, Any] | onnx.ModelProto, layout_name: str = "nhwc",
+                  threads: int = 2) -> Runner:
     """Runner for a ``.tflite``: runs the samples in a child process (a LiteRT abort becomes one
     :class:`~deployer.errors.ExternalToolError` line), quantizing float inputs into integer ones and
-    dequantizing integer outputs; outputs come back in the ONNX layout and order."""
+    dequantizing integer outputs; outputs come back in the ONNX layout and order.
+
+    Args:
+        path: the ``.tflite``.
+        layout: the ``runtime_layout`` the backend found, or the FP32 ONNX reference (``deploy verify``
+            of an existing file: the layout is then read from the shapes, ``layout_name`` first).
+    """
+    if isinstance(layout, onnx.ModelProto):
+        params: dict[str, Any] = {"layout": None, "in_names": _input_names(layout), "layout_name": layout_name,
+                                  "out_shapes": [[d.dim_value if d.HasField("dim_value") else None
+                                                  for d in o.type.tensor_type.shape.dim] for o in layout.graph.output]}
+    else:
+        params = {"layout": layout}
 
     def run(samples: Sequence[Sample]) -> list[list[np.ndarray]]:
         with tempfile.TemporaryDirectory(prefix="deployer-tflite-run-") as d:
             job = Path(d)
             shutil.copy(path, job / "model.tflite")
             save_samples(job / "samples.npz", [dict(s) for s in samples])
-            (job / "job.json").write_text(json.dumps({"layout": layout, "threads": threads}))
+            (job / "job.json").write_text(json.dumps({**params, "threads": threads}))
             run_worker("run", job, f"LiteRT run of {path.name}",
                        "the interpreter cannot run this model; `deploy check --target tflite MODEL` lists its "
                        "float ops, or try --tflite-mode 16x8")

@@ -56,11 +56,11 @@ def find_layout(data: bytes, model: onnx.ModelProto, sample: dict[str, np.ndarra
     init = {i.name for i in model.graph.initializer}
     onnx_in = [i.name for i in model.graph.input if i.name not in init]
     names = [d["name"] for d in dets]
-    order = [n if n in onnx_in else None for n in names]
-    rest = [n for n in onnx_in if n not in order]
-    order = [n if n is not None else rest.pop(0) for n in order]
-    cands = [candidate_perms(np.shape(sample[n]), list(d["shape_signature"]), keep_nchw) or [list(range(np.ndim(sample[n])))]
-             for n, d in zip(order, dets)]
+    named = [n if n in onnx_in else None for n in names]
+    rest = [n for n in onnx_in if n not in named]
+    order: list[str] = [n if n is not None else rest.pop(0) for n in named]
+    cands = [candidate_perms(np.shape(sample[n]), list(d["shape_signature"]), keep_nchw)
+             or [list(range(np.ndim(sample[n])))] for n, d in zip(order, dets)]
     onnx_out = [o.name for o in model.graph.output]
     for combo in itertools.islice(itertools.product(*cands), 8):
         layout = Layout(order, [list(p) for p in combo], list(range(len(onnx_out))),
@@ -121,8 +121,8 @@ def map_tensors(data: bytes, model: onnx.ModelProto, samples: Sequence[dict[str,
     ref = {k: np.asarray(v) for k, v in ref.items() if np.asarray(v).dtype.kind == "f"}
     sigs = {k: _signature(v) for k, v in ref.items()}
     by_size: dict[int, list[str]] = {}
-    for k, v in ref.items():
-        by_size.setdefault(int(v.size), []).append(k)
+    for tname, v in ref.items():
+        by_size.setdefault(int(v.size), []).append(tname)
     reverse: dict[str, list[str]] = {}
     for o, t in correspondence.items():
         reverse.setdefault(t, []).append(o)

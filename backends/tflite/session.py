@@ -153,3 +153,27 @@ def output_layout(tfl: list[np.ndarray], ref: list[np.ndarray], names: list[str]
         order.append(found[0])
         perms.append(found[1])
     return order, perms
+
+
+def shape_layout(data: bytes, in_names: list[str], sample: dict[str, np.ndarray], out_shapes: list[list[int | None]],
+                 keep_nchw: bool) -> Layout:
+    """A layout from shapes alone (``deploy verify`` of an existing ``.tflite``, no float model to
+    compare values with): per input the first fitting permutation of :func:`candidate_perms`, outputs in
+    file order, each with the identity or the channel-last inverse that gives the ONNX shape
+    (``None`` dims match anything)."""
+    it = interpreter(data)
+    dets = it.get_input_details()
+    names = [d["name"] for d in dets]
+    order = [n if n in in_names else None for n in names]
+    rest = [n for n in in_names if n not in order]
+    order_s = [n if n is not None else rest.pop(0) for n in order]
+    perms = [(candidate_perms(np.shape(sample[n]), list(d["shape_signature"]), keep_nchw)
+              or [list(range(np.ndim(sample[n])))])[0] for n, d in zip(order_s, dets)]
+    out_perms = []
+    for d, want in zip(it.get_output_details(), out_shapes):
+        r = len(want)
+        cands = [list(range(r))] + ([[0, r - 1, *range(1, r - 1)]] if r >= 3 else [])
+        sig = list(d["shape_signature"])
+        fit = [p for p in cands if len(sig) == r and all(w in (None, -1) or sig[a] in (-1, w) for w, a in zip(want, p))]
+        out_perms.append(fit[0] if fit else list(range(r)))
+    return Layout(order_s, perms, list(range(len(out_shapes))), out_perms)

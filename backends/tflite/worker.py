@@ -23,7 +23,8 @@ import numpy as np
 
 
 def save_samples(path: Path, samples: list[dict[str, np.ndarray]]) -> None:
-    np.savez(path, **{f"{k}/{n}": np.asarray(v) for k, s in enumerate(samples) for n, v in s.items()})
+    arrays: dict[str, Any] = {f"{k}/{n}": np.asarray(v) for k, s in enumerate(samples) for n, v in s.items()}
+    np.savez(path, **arrays)
 
 
 def load_samples(path: Path) -> list[dict[str, np.ndarray]]:
@@ -61,11 +62,18 @@ def _lower(job: Path, p: dict[str, Any]) -> None:
 
 
 def _run(job: Path, p: dict[str, Any]) -> None:
-    from backends.tflite.session import Layout, Session
+    from backends.tflite.session import Layout, Session, shape_layout
 
-    s = Session((job / "model.tflite").read_bytes(), Layout.from_dict(p["layout"]), threads=int(p.get("threads", 1)))
-    res = s.run(load_samples(job / "samples.npz"))
-    np.savez(job / "outputs.npz", **{f"{k}/{j}": y for k, row in enumerate(res) for j, y in enumerate(row)})
+    data = (job / "model.tflite").read_bytes()
+    samples = load_samples(job / "samples.npz")
+    if p["layout"] is not None:
+        layout = Layout.from_dict(p["layout"])
+    else:
+        layout = shape_layout(data, p["in_names"], samples[0], p["out_shapes"], p["layout_name"] == "nchw")
+    s = Session(data, layout, threads=int(p.get("threads", 1)))
+    res = s.run(samples)
+    arrays: dict[str, Any] = {f"{k}/{j}": y for k, row in enumerate(res) for j, y in enumerate(row)}
+    np.savez(job / "outputs.npz", **arrays)
 
 
 def _latency(job: Path, p: dict[str, Any]) -> None:
