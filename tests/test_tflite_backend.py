@@ -138,6 +138,24 @@ def test_latency_is_measured(setup, tmp_path):
 # -- ops without an integer kernel: listed, or --strict fails ---------------------------------------
 
 
+def test_shared_vectors_keep_the_model_identical(lower):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    raw = lower().path.read_bytes()
+    plain = bytes(flatbuffer_utils.convert_object_to_bytearray(flatbuf.load(raw)))
+    shared = flatbuf.compact(raw)
+    assert len(shared) < len(plain)
+    outs = []
+    for content in (plain, shared):
+        it = Interpreter(model_content=content)
+        it.allocate_tensors()
+        d = it.get_input_details()[0]
+        it.set_tensor(d["index"], np.random.default_rng(0).integers(-128, 127, d["shape"]).astype(np.int8))
+        it.invoke()
+        outs.append(it.get_tensor(it.get_output_details()[0]["index"]))
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_float_ops_lists_ops_left_in_float(lower):
     assert flatbuf.float_ops(lower().path.read_bytes()) == []
     listed = flatbuf.float_ops(lower().fp32_path.read_bytes())  # every op of the FP32 model computes in float

@@ -198,7 +198,7 @@ class TFLiteBackend:
         non_int8 = [n for n, d in ctx.plan.nodes.items() if d.precision != Precision.INT8]
         if non_int8:
             notes.append(f"{len(non_int8)} plan node(s) not INT8 were lowered to integer: this backend is full-integer")
-        data = flatbuf.strip_tensor_names(data) if opts.strip_names else data
+        data = flatbuf.strip_tensor_names(data) if opts.strip_names else flatbuf.compact(data)
         tag = "int16x8" if opts.mode == "16x8" else "int8"
         out = ctx.out_dir / "tflite"
         out.mkdir(parents=True, exist_ok=True)
