@@ -115,3 +115,23 @@ def test_dead_channel_bias_fits_int32_and_stays_integer(tmp_path) -> None:
     got = np.stack([r[0] for r in art.run(cal)])
     np.testing.assert_allclose(got[:, :, 2], ref[:, :, 2], atol=0.05)  # NCHW: the dead channel outputs ~5
     assert float(np.max(np.abs(got - ref))) < 0.1
+
+
+def test_check_lists_ops_that_will_stay_float_before_calibration(tmp_path, capsys) -> None:
+    """``deploy check --target tflite`` converts and dry-quantizes: a Div by an activation (int8 DIV
+    does not run in LiteRT) is a warning naming the node; the graph converts (exit 0)."""
+    from deployer.cli import main
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"], name="sig"),
+             helper.make_node("Add", ["s", "one"], ["den"], name="den"),
+             helper.make_node("Div", ["x", "den"], ["y"], name="div")]
+    g = helper.make_graph(nodes, "div", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])],
+                          [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    path = tmp_path / "div.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    findings = TFLiteBackend().check(onnx.load(path))
+    assert [(f.rule, f.severity) for f in findings] == [("tflite-float-op", "warning")]
+    assert "DIV" in findings[0].message and findings[0].node == "y"
+    assert main(["check", "--target", "tflite", str(path)]) == 0
+    assert "1 warning" in capsys.readouterr().out
