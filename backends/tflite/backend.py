@@ -356,7 +356,7 @@ def measure_latency(models: dict[str, Path], layout: dict[str, Any], sample: dic
         ms = json.loads((job / "result.json").read_text())
     return {**{k: ms[f"{k}.tflite"] for k in models},
             "how": f"LiteRT interpreter, XNNPACK (default delegate), 1 thread, batch 1, median of {runs} runs after "
-                   f"3 warm-up runs"}
+                   f"3 warm-up runs, the models timed in alternation"}
 
 
 def tflite_runner(path: Path, layout: dict[str, Any] | onnx.ModelProto, layout_name: str = "nhwc",

@@ -77,21 +77,25 @@ def _run(job: Path, p: dict[str, Any]) -> None:
 
 
 def _latency(job: Path, p: dict[str, Any]) -> None:
+    """Median ``invoke`` time per model, the models timed in alternation (one invoke each per round), so
+    a load change on a shared machine hits every model alike."""
     from backends.tflite.session import Layout, Session
 
-    ms = {}
+    sample = load_samples(job / "samples.npz")[0]
+    sessions = {}
     for name in p["models"]:
         s = Session((job / name).read_bytes(), Layout.from_dict(p["layout"]), threads=1)
-        s.feed(load_samples(job / "samples.npz")[0])
+        s.feed(sample)
         for _ in range(3):
             s.it.invoke()
-        times = []
-        for _ in range(int(p["runs"])):
+        sessions[name] = s
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(int(p["runs"])):
+        for name, s in sessions.items():
             t0 = time.perf_counter()
             s.it.invoke()
-            times.append((time.perf_counter() - t0) * 1e3)
-        ms[name] = round(float(np.median(times)), 3)
-    (job / "result.json").write_text(json.dumps(ms))
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    (job / "result.json").write_text(json.dumps({k: round(float(np.median(v)), 3) for k, v in times.items()}))
 
 
 def main(argv: list[str]) -> int:
