@@ -187,6 +187,29 @@ def recipe(mode: str, per_tensor: bool, io: str, keep: dict[str, str]) -> list[d
     return rules
 
 
+TIED = {"PAD", "PADV2", "MIRROR_PAD", "RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS", "SLICE", "STRIDED_SLICE",
+         "GATHER", "MAX_POOL_2D", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE"}
+"""Ops whose int8 output carries its input's scale and zero point (TFLite spec)."""
+
+
+def _inherit_tied(data: bytes, qsv: dict[str, tuple[float, float]], src: dict[str, str]) -> None:
+    """Give the output of a :data:`TIED` op without an ONNX counterpart (e.g. the explicit PAD onnx2tf
+    writes before a stride-2 convolution) its input's plan range, in graph order."""
+    fb = flatbuf.load(data)
+    sg = fb.subgraphs[0]
+    for code, op in flatbuf.ops(fb):
+        if code not in TIED or not len(op.inputs) or not len(op.outputs):
+            continue
+        x, y = flatbuf.name(sg.tensors[int(op.inputs[0])]), flatbuf.name(sg.tensors[int(op.outputs[0])])
+        if y not in src and x in src and y in qsv:
+            lo, hi = qsv[x]
+            if code == "PADV2" and len(op.inputs) > 2:  # the pad value must lie in the range
+                v = _const(fb, sg.tensors[int(op.inputs[2])])
+                if v is not None and v.size:
+                    lo, hi = min(lo, float(np.min(v))), max(hi, float(np.max(v)))
+            qsv[y], src[y] = (lo, hi), src[x]
+
+
 def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[str, list[str]],
              plan_ranges: dict[str, tuple[float, float]], masks: set[str], mode: str, per_tensor: bool,
              io: str) -> Quantized:
@@ -213,6 +236,7 @@ def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[
             qsv[t], src[t] = plan_ranges[hit], hit
         else:
             qsv[t] = (lo, hi)
+    _inherit_tied(data, qsv, src)
     tfl_masks = {t for t, names in onnx_of.items() if any(o in masks for o in names)}
     data, fitted = fit_biases(data, qsv, int16, per_tensor)
     keep = keep_float(data, qsv, tfl_masks, int16, per_tensor)
