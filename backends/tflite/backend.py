@@ -120,6 +120,13 @@ class TFLiteBackend:
         prepared, n_half = upcast_half(ctx.reference)
         if n_half:
             notes.append(f"float16/bfloat16 model up-cast to float32 before conversion ({n_half} tensors/casts)")
+        from backends.tflite.rewrite import split_concat_convs
+
+        prepared, split = split_concat_convs(prepared, ctx.plan)
+        if split:
+            notes.append(f"{len(split)} Concat(s) of inputs whose ranges differ 8x or more distributed over their "
+                         f"convolutions ({', '.join(split[:3])}): each input keeps its own int8 scale instead of the "
+                         f"Concat's shared one")
         keep = _input_names(prepared) if opts.layout == "nchw" else []
         samples = [dict(s) for s in list(ctx.calibration)[:MAP_SAMPLES]]
         samples = [{k: (v.astype(np.float32) if v.dtype in (np.float16,) else v) for k, v in s.items()}
