@@ -127,6 +127,33 @@ def fit_biases(data: bytes, qsv: dict[str, tuple[float, float]], int16: bool, pe
     return (flatbuf.dump(fb) if changed else data), changed
 
 
+DIVISOR_OPS = {"SQRT", "RSQRT", "ADD", "SUB", "MUL", "MEAN", "SUM", "SQUARE", "SQUARED_DIFFERENCE", "ABS", "MAXIMUM",
+               "RELU", "EXP", "RESHAPE", "TRANSPOSE"}
+
+
+def _divisor_chain(fb: Any, tensor: int, depth: int = 8) -> list[str]:
+    """Scopes of the ops computing a divisor: back from ``tensor`` through :data:`DIVISOR_OPS` whose
+    other operands are constants or the same tensor (x * x), and into both operands of a SUB or
+    SQUARED_DIFFERENCE (``E[x^2] - E[x]^2`` cancels: int8 operands lose the small difference), up to
+    ``depth`` ops deep."""
+    sg = fb.subgraphs[0]
+    producer = {int(o): (code, op) for code, op in flatbuf.ops(fb) for o in op.outputs if o >= 0}
+    out: list[str] = []
+    todo, seen = [(tensor, 0)], set()
+    while todo:
+        t, d = todo.pop()
+        if t in seen or d >= depth or t not in producer:
+            continue
+        seen.add(t)
+        code, op = producer[t]
+        acts = sorted({int(i) for i in op.inputs if i >= 0 and not flatbuf.is_constant(fb, sg.tensors[int(i)])})
+        if code not in DIVISOR_OPS or (len(acts) > 1 and code not in ("SUB", "SQUARED_DIFFERENCE")):
+            continue
+        out.append("".join(flatbuf.name(sg.tensors[int(o)]) + ";" for o in op.outputs if o >= 0))
+        todo += [(i, d + 1) for i in acts]
+    return out
+
+
 def keep_float(data: bytes, qsv: dict[str, tuple[float, float]], masks: set[str], int16: bool,
                per_tensor: bool) -> dict[str, str]:
     """Ops (by output scope, ``a;b;``) that must stay float, with the reason."""
@@ -150,6 +177,10 @@ def keep_float(data: bytes, qsv: dict[str, tuple[float, float]], masks: set[str]
             continue
         if code == "DIV":
             keep[scope] = "int8 DIV fails to run in LiteRT (issue 17); kept float"
+            if len(op.inputs) > 1:
+                for s_ in _divisor_chain(fb, int(op.inputs[1])):
+                    keep.setdefault(s_, "computes the divisor of a float DIV (e.g. LayerNorm's sqrt(var + eps)): "
+                                        "int8 rounds small divisors to 0 and 1/x blows up; kept float")
             continue
         if code in BIAS_OPS and len(op.inputs) > BIAS_OPS[code][1] and op.inputs[BIAS_OPS[code][1]] >= 0:
             wi, bi, axis = BIAS_OPS[code]
