@@ -153,3 +153,33 @@ def test_check_lists_ops_that_will_stay_float_before_calibration(tmp_path, capsy
     assert "DIV" in findings[0].message and findings[0].node == "y"
     assert main(["check", "--target", "tflite", str(path)]) == 0
     assert "1 warning" in capsys.readouterr().out
+
+
+def test_layernorm_as_mean_of_squares_minus_square_of_mean_stays_right(tmp_path) -> None:
+    """LayerNorm written ``(x - E[x]) / sqrt(E[x^2] - E[x]^2 + eps)`` (jax2tf exports, magika) on data
+    whose mean is large against its spread: int8 ``E[x^2]`` and ``E[x]^2`` cancel to 0 and 1/x blows up
+    (cosine 0.04 on magika). The divisor path of the float DIV stays float."""
+    ax = numpy_helper.from_array(np.array([-1], np.int64), "ax")
+    nodes = [helper.make_node("ReduceMean", ["x", "ax"], ["m"], name="mean"),
+             helper.make_node("Mul", ["x", "x"], ["sq"], name="sq"),
+             helper.make_node("ReduceMean", ["sq", "ax"], ["msq"], name="msq"),
+             helper.make_node("Mul", ["m", "m"], ["m2"], name="m2"),
+             helper.make_node("Sub", ["msq", "m2"], ["var"], name="var"),
+             helper.make_node("Add", ["var", "eps"], ["ve"], name="ve"),
+             helper.make_node("Sqrt", ["ve"], ["std"], name="std"),
+             helper.make_node("Sub", ["x", "m"], ["c"], name="center"),
+             helper.make_node("Div", ["c", "std"], ["y"], name="norm")]
+    g = helper.make_graph(nodes, "ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 32])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6, 32])],
+                          [ax, numpy_helper.from_array(np.array(1e-6, np.float32), "eps")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    rng = np.random.default_rng(0)
+    cal = CalibrationSet([{"x": (rng.uniform(5, 30, (1, 6, 1)) + rng.normal(0, rng.uniform(0.05, 2, (1, 6, 1)),
+                                                                            (1, 6, 32))).astype(np.float32)}
+                          for _ in range(12)])
+    plan = make_plan(Inputs(model, cal, cal, "generic", "t", "t"), collect_statistics(model, cal), DeployOptions())
+    art = TFLiteBackend().lower(LoweringContext(model, plan, tmp_path, cal, {"tflite_latency_runs": 0}))
+    assert any("divisor" in f["reason"] for f in art.extra["float_nodes"]), art.extra["float_nodes"]
+    ref = np.stack([r[0] for r in onnx_runner(model)(cal)]).ravel()
+    got = np.stack([r[0] for r in art.run(cal)]).ravel()
+    assert float(ref @ got / (np.linalg.norm(ref) * np.linalg.norm(got))) > 0.98
