@@ -11,7 +11,10 @@
 #   3. torch==2.13.0 FIRST: this resolves to the CPU wheel on these machines; any other torch
 #      requirement makes pip download a multi-GB CUDA build.
 #   4. deployer in editable mode with every extra, all versions from constraints.txt.
-#   5. Packages whose metadata pulls unwanted dependencies, pinned and installed with --no-deps.
+#   5. Packages whose metadata pulls unwanted dependencies, pinned and installed with --no-deps;
+#      onnx2tf (the tflite converter) also with --ignore-requires-python: its 2.6.9 wheel declares
+#      Python >= 3.12 and pins old numpy/onnx/onnxruntime, yet runs on 3.11 with this project's pins
+#      (its real runtime dependencies come with the tflite extra).
 # A stamp (.venv/.deployer-install) records a hash of the inputs; when it matches, steps 2-5 are skipped.
 set -euo pipefail
 
@@ -38,6 +41,9 @@ NO_DEPS=(
   Resemblyzer==0.1.4
   facenet-pytorch==2.6.0
 )
+
+# The tflite converter (issue 17): installed after the extras, without its stale pins.
+ONNX2TF_PIN="onnx2tf==2.6.9"
 
 say() { printf 'install: %s\n' "$*" >&2; }
 
@@ -115,6 +121,8 @@ say "deployer[$EXTRAS] (editable, constrained)"
 # -- 5. --no-deps packages -------------------------------------------------------------------------
 say "${NO_DEPS[*]} (--no-deps)"
 "${PIP[@]}" install -q --no-deps "${NO_DEPS[@]}"
+say "$ONNX2TF_PIN (--no-deps --ignore-requires-python)"
+"${PIP[@]}" install -q --no-deps --ignore-requires-python "$ONNX2TF_PIN"
 
 # torch must still be the CPU build that step 3 installed.
 "$VPY" - <<'EOF'
