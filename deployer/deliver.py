@@ -211,7 +211,7 @@ def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring, options: dic
         if margin >= deficit_db + SAFETY_DB:
             section.update({"stopped_on": "floor", "kept": [], "evaluations": score.evaluations})
             return plan, {**options, **extra_opts}, section
-    high = getattr(backend, "escalation_precision", Precision.FP16)
+    high = _escalation_precision(backend, options)
     if high is None:
         section.update({"stopped_on": "no islands (--strict)", "kept": [], "evaluations": score.evaluations})
         return plan, options, section
@@ -227,7 +227,7 @@ def _search(backend: Backend, plan: QuantPlan, scoring: _Scoring, target: float,
     reaches ``target`` (lowest relative primary metric over the outputs) on the search samples."""
     from deployer.mixed import search
 
-    high = getattr(backend, "escalation_precision", Precision.FP16) or Precision.FP16
+    high = _escalation_precision(backend, dict(scoring.score.options)) or Precision.FP16
     res = search(plan, _model_of(scoring.score), scoring.score, target=target, budget=budget, high=high,
                  order=scoring.order, reason=f"fidelity target {target} on {backend.name}: kept in {high.value}")
     section = res.to_dict()
@@ -237,6 +237,12 @@ def _search(backend: Backend, plan: QuantPlan, scoring: _Scoring, target: float,
     new_plan = res.plan.with_nodes(res.plan.nodes, {**res.plan.recipe, "search": {
         "fidelity_target": target, "budget": budget, "kept": res.kept, "target": backend.name}})
     return new_plan, section
+
+
+def _escalation_precision(backend: Backend, options: dict[str, Any]) -> Precision | None:
+    """The precision escalated layers take on ``backend`` (FP16 unless it says otherwise; None: no islands)."""
+    fn = getattr(backend, "escalation_precision", None)
+    return Precision.FP16 if fn is None else fn(options)
 
 
 def _model_of(score: Any) -> Any:

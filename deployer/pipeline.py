@@ -623,7 +623,7 @@ def provenance() -> dict[str, Any]:
     from importlib import metadata
 
     versions = {}
-    for pkg in ("onnx", "onnxruntime", "onnxslim", "numpy", "tensorflow-cpu", "ai-edge-litert", "torch"):
+    for pkg in ("onnx", "onnxruntime", "onnxslim", "numpy", "onnx2tf", "ai-edge-quantizer", "ai-edge-litert", "torch"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -729,7 +729,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
             for name, gate in results[t].extra.get("gates", {}).items():
                 if name != FLOOR_GATE:  # reported always; exit 1 only when enforced (the floor always is)
                     gate["enforced"] = bool(opts.enforce_gates)
-            if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference):
+            fixed = (results[t].extra.get("input_shapes") or {}).get("mode") == "fixed"
+            if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference) and not fixed:
                 seen = the_plan.calibration.get("input_shapes") or {}
                 shown = "; ".join(f"{n}: {v}" for n, v in seen.items()) or "none recorded in the plan"
                 results[t].notes.append(

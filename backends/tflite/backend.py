@@ -23,6 +23,7 @@ Options (``ctx.options``, CLI flags in brackets): ``tflite_io`` int8 | uint8 | f
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -68,6 +69,23 @@ class TFLiteBackend:
             if importlib.util.find_spec(mod) is None:
                 return False, f"{mod} is not installed; {INSTALL}"
         return True, ""
+
+    def precheck(self, model: onnx.ModelProto, options: dict[str, Any]) -> list[Finding]:
+        """Before calibration (``deploy --target tflite,...``): :meth:`check`; under ``strict`` an op that
+        would stay float is an error too (the target would fail after calibration otherwise)."""
+        findings = self.check(model)
+        if TFLiteOptions.from_options(options).strict:
+            findings = [dataclasses.replace(f, severity="error", fix="drop --strict to keep it as a float island")
+                        if f.rule == "tflite-float-op" else f for f in findings]
+        return findings
+
+    def escalation_options(self, options: dict[str, Any]) -> list[dict[str, Any]]:
+        """What the fidelity floor tries before float islands: int16 activations (16x8), still full integer."""
+        return [] if TFLiteOptions.from_options(options).mode == "16x8" else [{"tflite_mode": "16x8"}]
+
+    def escalation_precision(self, options: dict[str, Any]) -> Precision | None:
+        """Layers the floor keeps out of INT8 become float islands; none under ``strict``."""
+        return None if TFLiteOptions.from_options(options).strict else Precision.FP32
 
     def check(self, model: onnx.ModelProto) -> list[Finding]:
         """Whether ``model`` converts to a ``.tflite`` and which ops would stay float, before any
@@ -139,6 +157,7 @@ class TFLiteBackend:
         from deployer.patterns import mask_paths
 
         masks = mask_paths(prepared)
+        islands = plan_float_tensors(prepared, ctx.plan)
 
         def attempt(fix: dict[str, list[int]], simplify: bool) -> tuple[FloatModel, bytes, dict[str, Any]]:
             tag = ("fixed" if fix else "dynamic") + ("-sim" if simplify else "")
@@ -148,7 +167,8 @@ class TFLiteBackend:
                          if fp32_src is not None else None)
                 fm = fut.result()
                 fp32 = fut32.result().data if fut32 else fm.data
-            return fm, fp32, _lower_job(work / f"job-{tag}", fm, prepared, samples, plan_ranges, masks, opts)
+            return fm, fp32, _lower_job(work / f"job-{tag}", fm, prepared, samples, plan_ranges, masks, opts,
+                                        islands)
 
         symbolic = _symbolic_inputs(prepared)
         tries: list[tuple[dict[str, list[int]], bool]] = [(fixed, False), (fixed, True)]
@@ -202,9 +222,9 @@ class TFLiteBackend:
             notes.append("16x8: int16 activations (symmetric, zero point 0), int8 weights")
         if opts.per_tensor:
             notes.append("weights per-tensor: one scale per conv/depthwise/fully-connected weight and its int32 bias")
-        non_int8 = [n for n, d in ctx.plan.nodes.items() if d.precision != Precision.INT8]
-        if non_int8:
-            notes.append(f"{len(non_int8)} plan node(s) not INT8 were lowered to integer: this backend is full-integer")
+        if islands:
+            notes.append(f"{len(islands)} tensor(s) of plan nodes kept in FP16/FP32 stay float in the .tflite "
+                         f"(float islands, listed in float_nodes)")
         data = flatbuf.strip_tensor_names(data) if opts.strip_names else flatbuf.compact(data)
         tag = "int16x8" if opts.mode == "16x8" else "int8"
         out = ctx.out_dir / "tflite"
@@ -238,7 +258,8 @@ class TFLiteBackend:
 
 
 def _lower_job(job: Path, fm: FloatModel, model: onnx.ModelProto, samples: list[dict[str, np.ndarray]],
-               plan_ranges: dict[str, tuple[float, float]], masks: set[str], opts: TFLiteOptions) -> dict[str, Any]:
+               plan_ranges: dict[str, tuple[float, float]], masks: set[str], opts: TFLiteOptions,
+               float_tensors: set[str] | None = None) -> dict[str, Any]:
     """Run the worker's ``lower`` step; returns its result with ``float_nodes``/``float_ops`` added."""
     job.mkdir(parents=True, exist_ok=True)
     (job / "float.tflite").write_bytes(fm.data)
@@ -247,7 +268,8 @@ def _lower_job(job: Path, fm: FloatModel, model: onnx.ModelProto, samples: list[
     (job / "job.json").write_text(json.dumps({
         "keep_nchw": opts.layout == "nchw", "correspondence": fm.correspondence,
         "plan_ranges": {k: [float(a), float(b)] for k, (a, b) in plan_ranges.items()}, "masks": sorted(masks),
-        "mode": opts.mode, "per_tensor": opts.per_tensor, "io": opts.io}))
+        "mode": opts.mode, "per_tensor": opts.per_tensor, "io": opts.io,
+        "float_tensors": sorted(float_tensors or ())}))
     run_worker("lower", job, "LiteRT mapping and quantization (ai-edge-quantizer)",
                "the float .tflite or its quantization crashed; `deploy check --target tflite MODEL` shows which "
                "ops convert, or use --tflite-mode 16x8 / --target onnxruntime")
@@ -257,6 +279,20 @@ def _lower_job(job: Path, fm: FloatModel, model: onnx.ModelProto, samples: list[
     res["float_ops"] = flatbuf.float_ops(data, res.get("float_reasons"))
     res["float_nodes"] = [{"node": f["tensor"], "op": f["op"], "reason": f["reason"]} for f in res["float_ops"]]
     return res
+
+
+def plan_float_tensors(model: onnx.ModelProto, plan: Any) -> set[str]:
+    """Outputs of the nodes the plan keeps out of INT8, and of the Relu/Clip fused onto them: the float
+    islands of the ``.tflite`` (a full-integer model otherwise)."""
+    high = {n for n, d in plan.nodes.items() if d.precision != Precision.INT8}
+    out: set[str] = set()
+    for node in model.graph.node:
+        if node.name in high:
+            out.update(node.output)
+    for node in model.graph.node:  # activations the converter fuses into the float op's output
+        if node.op_type in ("Relu", "Clip", "LeakyRelu", "HardSwish", "Sigmoid") and set(node.input[:1]) & out:
+            out.update(node.output)
+    return out
 
 
 def _input_names(model: onnx.ModelProto) -> list[str]:

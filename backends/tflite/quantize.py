@@ -241,9 +241,24 @@ def _inherit_tied(data: bytes, qsv: dict[str, tuple[float, float]], src: dict[st
             qsv[y], src[y] = (lo, hi), src[x]
 
 
+def plan_islands(data: bytes, onnx_of: dict[str, list[str]], float_tensors: set[str]) -> dict[str, str]:
+    """Ops (by output scope) whose output carries a tensor the plan computes in higher precision: the
+    plan's FP16/FP32 decisions (a recipe rule, the fidelity floor's escalation) become float islands."""
+    fb = flatbuf.load(data)
+    sg = fb.subgraphs[0]
+    keep: dict[str, str] = {}
+    for _, op in flatbuf.ops(fb):
+        names = [flatbuf.name(sg.tensors[int(o)]) for o in op.outputs if o >= 0]
+        hit = next((o for n in names for o in onnx_of.get(n, []) if o in float_tensors), None)
+        if hit is not None:
+            keep["".join(n + ";" for n in names)] = (f"the plan keeps the node producing {hit} in higher precision "
+                                                     f"(float island)")
+    return keep
+
+
 def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[str, list[str]],
              plan_ranges: dict[str, tuple[float, float]], masks: set[str], mode: str, per_tensor: bool,
-             io: str) -> Quantized:
+             io: str, float_tensors: set[str] | None = None) -> Quantized:
     """Quantize the float model with the plan's ranges; see the module docstring.
 
     Args:
@@ -253,6 +268,7 @@ def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[
         plan_ranges: the plan's ONNX ranges.
         masks: ONNX tensors on mask paths (named in the reason when their values are sentinels).
         mode: ``int8`` | ``16x8``; per_tensor: one weight scale per tensor; io: int8 | uint8 | float.
+        float_tensors: ONNX tensors the plan computes in FP16/FP32: their producing ops stay float.
     """
     from ai_edge_quantizer import quantizer
 
@@ -271,6 +287,8 @@ def quantize(data: bytes, minmax: dict[str, tuple[float, float]], onnx_of: dict[
     tfl_masks = {t for t, names in onnx_of.items() if any(o in masks for o in names)}
     data, fitted = fit_biases(data, qsv, int16, per_tensor)
     keep = keep_float(data, qsv, tfl_masks, int16, per_tensor)
+    if float_tensors:
+        keep = {**plan_islands(data, onnx_of, float_tensors), **keep}
     q = quantizer.Quantizer(bytearray(data), recipe(mode, per_tensor, io, keep))
     cal = {t: {"min": np.float32(lo), "max": np.float32(hi)} for t, (lo, hi) in qsv.items() if not absurd(lo, hi)}
     cal.update({t: {"min": np.float32(-1.0), "max": np.float32(1.0)} for t, r in qsv.items() if absurd(*r)})

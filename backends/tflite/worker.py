@@ -54,7 +54,8 @@ def _lower(job: Path, p: dict[str, Any]) -> None:
                               "rejected": m.rejected, "activations": len(m.minmax)}
     if p.get("plan_ranges") is not None:
         ranges = {k: (float(v[0]), float(v[1])) for k, v in p["plan_ranges"].items()}
-        q = quantize(data, m.minmax, m.onnx_of, ranges, set(p["masks"]), p["mode"], bool(p["per_tensor"]), p["io"])
+        q = quantize(data, m.minmax, m.onnx_of, ranges, set(p["masks"]), p["mode"], bool(p["per_tensor"]), p["io"],
+                     set(p.get("float_tensors") or ()))
         (job / "quantized.tflite").write_bytes(q.data)
         result.update(float_reasons=q.float_reasons, deviations=q.deviations, from_plan=q.from_plan,
                       without_plan_range=q.without_plan_range, plan_tensors=q.plan_tensors, fitted_biases=q.fitted_biases)
