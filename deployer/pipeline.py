@@ -528,7 +528,7 @@ def provenance() -> dict[str, Any]:
     return {"deployer": __version__, "python": platform.python_version(), "libraries": versions}
 
 
-DEPLOY_OUTPUT_MARKERS = ("report.json", "plan.json", "distill_report.json")
+DEPLOY_OUTPUT_MARKERS = ("report.json", "plan.json", "distill_report.json", "pruning_report.json")
 
 
 def check_output_dir(out_dir: Path, overwrite: bool, protected: Sequence[Any] = ()) -> None:
