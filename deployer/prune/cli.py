@@ -104,5 +104,5 @@ def cmd_prune(argv: Sequence[str]) -> int:
               + ", ".join(f"{k} {v}" for k, v in f["fidelity"].items() if isinstance(v, float)))
         if "sparsity" in r:
             print(f"2:4 sparse layers: {', '.join(r['sparsity']['sparse_layers'])}")
-        print(f"wrote {res.out_dir}/ (pruned.onnx, pruned.pt, pruned_module.pt, pruning_report.json)")
+        print(f"wrote {res.out_dir}/ (pruned.onnx, pruned.pt, pruning_report.json)")
     return 0

@@ -12,9 +12,9 @@ Stages (each measured for the report: params, MACs, size, fidelity to the unprun
 4. ``quantized``: the deploy artifact (``deploy --prune``); ``deploy prune`` stops at 3.
 
 ``deploy prune`` writes (atomically) ``pruned.onnx`` (FP32, opset 17), ``pruned.pt`` (the state dict of the
-pruned module; its shapes differ from the original class's, so load the whole module with
-``torch.load(..., weights_only=False)`` from ``pruned_module.pt`` or rebuild it by pruning again) and
-``pruning_report.json``.
+pruned module, ``torch.load(..., weights_only=True)``) and
+``pruning_report.json``. Load ``pruned.pt`` into a fresh instance of the model's class with
+:func:`deployer.prune.structured.load_pruned_state` (it resizes the layers to the saved shapes).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from deployer.distill.data import Source, load_source
+from deployer.distill.data import Source
 from deployer.errors import BadInputError
 from deployer.examples import ExampleData
 from deployer.prune import measure
@@ -276,18 +276,19 @@ def run_prune(model: str, data: str | None, out_dir: str | Path, opts: PruneOpti
     try:
         if opts.threads is not None:
             torch.set_num_threads(opts.threads)
-        src = source or load_source(model, data, opts.seed, opts.calib_samples, opts.heldout_samples, log)
+        from deployer.prune.sources import load_prune_source
+
+        src = source or load_prune_source(model, data, opts.seed, opts.calib_samples, opts.heldout_samples, log)
         student, onnx_model, report = prune_source(src, opts, progress, log)
     finally:
         torch.set_num_threads(threads)
     report["pruning"]["stages"]["quantized"] = {
         "not_run": "deploy prune stops at the fine-tuned FP32 model; quantize it with `deploy --model "
                    f"{out}/pruned.onnx --calib ...` or prune and deploy in one run with `deploy --prune`"}
-    report["files"] = {"onnx": "pruned.onnx", "state_dict": "pruned.pt", "module": "pruned_module.pt"}
+    report["files"] = {"onnx": "pruned.onnx", "state_dict": "pruned.pt"}
     with atomic_output(out, opts.overwrite) as tmp:
         onnx.save(onnx_model, str(tmp / "pruned.onnx"))
         torch.save(student.state_dict(), tmp / "pruned.pt")
-        torch.save(student, tmp / "pruned_module.pt")
         (tmp / "pruning_report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return PruneResult(out, report, student, onnx_model, pruned_data(src, onnx_model))
 
@@ -305,10 +306,10 @@ def deploy_with_prune(model: Any, out_dir: str | Path, deploy_options: Any, opts
     Raises:
         BadInputError: ``model`` is not a built-in example with a torch model (mnist, minilm), or bad input.
     """
-    from deployer.distill.data import EXAMPLES, example_name
     from deployer.pipeline import check_output_dir, run_deploy
+    from deployer.prune.sources import EXAMPLES, prune_example
 
-    name = example_name(model) if isinstance(model, str) else None
+    name = prune_example(model) if isinstance(model, str) or model is None else None
     if source is None and name is None:
         raise BadInputError(f"--prune/--sparsity work on the built-in examples with a torch model ({', '.join(EXAMPLES)}); "
                             f"for your model run `deploy prune --model pkg.module:factory --data DIR --out P`, then "

@@ -144,3 +144,41 @@ def prune_channels(model: nn.Module, example: tuple[torch.Tensor, ...], opts: Pr
     return {"layers": {n: {"before": before[n], "after": after.get(n, before[n])} for n in before},
             "ignored": sorted(names[m] for m in ignored if m in names),
             "output_layer": names.get(out_layer) if out_layer is not None else None}
+
+
+def load_pruned_state(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a pruned state dict (``pruned.pt``) into a fresh, unpruned instance of the same class, resizing
+    Conv / Linear / BatchNorm layers to the saved shapes (a depthwise convolution stays depthwise).
+
+    Returns ``module`` (changed in place, eval mode).
+
+    Raises:
+        BadInputError: a key of ``state`` is not a parameter or buffer of ``module``.
+    """
+    own = dict(module.named_parameters()) | dict(module.named_buffers())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise BadInputError(f"pruned state dict: {unknown[:3]} are not in this module; build the model class the "
+                            f"pruned model came from")
+    for name, m in module.named_modules():
+        prefix = f"{name}." if name else ""
+        for attr, tensor in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+            key = prefix + attr
+            if key in state and tuple(state[key].shape) != tuple(tensor.shape):
+                new = state[key].clone()
+                if isinstance(tensor, nn.Parameter):
+                    setattr(m, attr, nn.Parameter(new, requires_grad=tensor.requires_grad))
+                else:
+                    m.register_buffer(attr, new)
+        if isinstance(m, nn.modules.conv._ConvNd):
+            depthwise = m.groups == m.in_channels and m.groups > 1
+            m.out_channels = int(m.weight.shape[0])
+            if depthwise:
+                m.groups = m.out_channels
+            m.in_channels = int(m.weight.shape[1]) * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = int(m.weight.shape[0]), int(m.weight.shape[1])
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = int(m.running_mean.shape[0]) if m.running_mean is not None else m.num_features
+    module.load_state_dict(state)
+    return module.eval()
