@@ -79,9 +79,29 @@ def channel_counts(model: nn.Module) -> dict[str, int]:
 
 
 def count_macs_params(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[int, int]:
-    """(multiply-accumulates, parameters) of one forward pass on ``example`` (Torch-Pruning's counter)."""
-    macs, params = _tp().utils.count_ops_and_params(model, example[0] if len(example) == 1 else example)
-    return int(macs), int(params)
+    """(multiply-accumulates, parameters) of one forward pass on ``example``.
+
+    MACs of the weighted layers (subclasses included, e.g. "same"-padding convolutions): a convolution
+    ``output elements x in_channels / groups x kernel size``, a Linear ``output elements x in_features``;
+    MatMuls between activations (attention) and element-wise ops are not counted.
+    """
+    total = [0]
+
+    def hook(m: nn.Module, i: Any, o: torch.Tensor) -> None:
+        if isinstance(m, nn.modules.conv._ConvNd):
+            k = int(torch.tensor(m.kernel_size).prod())
+            total[0] += o.numel() * (m.in_channels // m.groups) * k
+        elif isinstance(m, nn.Linear):
+            total[0] += o.numel() * m.in_features
+
+    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE + (nn.ConvTranspose2d,))]
+    try:
+        with torch.no_grad():
+            model(*example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(total[0]), int(sum(p.numel() for p in model.parameters()))
 
 
 def prune_channels(model: nn.Module, example: tuple[torch.Tensor, ...], opts: PruneOptions,
