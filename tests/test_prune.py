@@ -283,3 +283,34 @@ def test_deploy_prune_cli_user_factory(tmp_path: Path) -> None:
         ref = net(torch.from_numpy(x)).numpy()
     sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     assert np.allclose(sess.run(None, {sess.get_inputs()[0].name: x})[0], ref, atol=1e-4)
+
+
+def test_recommend_batch_is_a_runnable_prune_command() -> None:
+    from deployer.cli import build_parser
+    from deployer.prune.cli import deploy_options_from
+    from deployer.recommend import recommend
+
+    r = recommend("cost", "batch", "mnist")
+    assert r.technique == "distillation + pruning" and r.steps_outside == []
+    assert r.argv[:3] == ["deploy", "--model", "mnist"] and "--prune" in r.argv
+    opts = deploy_options_from(build_parser().parse_args(r.argv[1:]))
+    assert opts is not None and opts.ratio == 0.3 and opts.criterion == "l1" and opts.epochs == 3
+    user = recommend("cost", "batch", "pkg.models:net")
+    assert user.steps_outside and user.steps_outside[0].startswith("deploy prune --model pkg.models:net --ratio 0.3")
+
+
+@pytest.mark.real_model
+def test_recommend_batch_runs_end_to_end_on_mnist(tmp_path: Path) -> None:
+    """The recommended command, with a reduced budget (1 epoch, 100 held-out digits): about a minute."""
+    from deployer.recommend import recommend
+
+    argv = recommend("cost", "batch", "mnist").argv[1:]
+    out = tmp_path / "out"
+    r = _cli(*argv, "--out", str(out), "--prune-epochs", "1", "--prune-threads", "1", "--heldout-samples", "100",
+             "--calib-samples", "64", "--quiet")
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    st = report["pruning"]["stages"]
+    assert st["finetuned"]["params"] < 0.7 * st["original"]["params"]
+    assert st["quantized"]["onnxruntime"]["fidelity"]["label_accuracy"] > 0.85
+    assert (out / "prune" / "pruned.onnx").is_file()

@@ -340,6 +340,11 @@ def deploy_with_prune(model: Any, out_dir: str | Path, deploy_options: Any, opts
         section = res.report["pruning"]
         section["stages"]["quantized"] = quantized_stage(result, section["stages"]["finetuned"])
         section["report"] = "prune/pruning_report.json"
+        tr = res.report.get("training", {})
+        section["training"] = {k: tr.get(k) for k in ("epochs", "steps", "epochs_done", "seconds", "stopped_by_budget",
+                                                      "batch_size", "lr", "max_seconds", "loss_per_epoch")}
+        section["training"]["output_loss"] = tr.get("losses", {}).get("output_loss")
+        section["train_samples"] = res.report["data"]["train_samples"]
         if "sparsity" in res.report:
             section["sparse_layers"] = res.report["sparsity"]["sparse_layers"]
         result.report["pruning"] = section
