@@ -55,7 +55,7 @@ def _mnist(r: dict[str, Any]) -> list[str]:
     tfl = q["tflite"]["fidelity"]["label_accuracy"]
     gap = 100 * (fp32_acc - tfl)
     out += ["", f"Goal: pruned + INT8 TFLite within 0.5 point of the unpruned FP32 model: "
-                f"**{'met' if gap <= 0.5 else 'NOT met'}** ({tfl:.4f} vs {fp32_acc:.4f}, {gap:+.2f} points below). "
+                f"**{'met' if gap <= 0.5 else 'NOT met'}** ({tfl:.4f} vs {fp32_acc:.4f}: {-gap:+.2f} points). "
                 f"Top-1 agreement of the pruned INT8 .tflite with the unpruned FP32 model: "
                 f"{q['tflite']['fidelity']['top1_agreement_vs_unpruned']:.4f}.",
             f"Recovery: {(r['pruning'].get('training') or {}).get('epochs_done')} epochs of distillation "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import io
 import json
 import shutil
@@ -345,6 +346,8 @@ def deploy_with_prune(model: Any, out_dir: str | Path, deploy_options: Any, opts
                                                       "batch_size", "lr", "max_seconds", "loss_per_epoch")}
         section["training"]["output_loss"] = tr.get("losses", {}).get("output_loss")
         section["train_samples"] = res.report["data"]["train_samples"]
+        section["sha256"] = {f"prune/{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()
+                             for f in sorted((out / "prune").iterdir())}
         if "sparsity" in res.report:
             section["sparse_layers"] = res.report["sparsity"]["sparse_layers"]
         result.report["pruning"] = section
