@@ -94,6 +94,16 @@ def test_channel_pruning_through_residual_concat_depthwise(criterion: str) -> No
     assert info["layers"]["c0"] == {"before": 16, "after": net.c0.out_channels}
 
 
+def test_frozen_model_is_pruned_and_stays_frozen() -> None:
+    from deployer.prune.structured import prune_channels
+
+    net = make_net()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    prune_channels(net, (torch.randn(1, 3, 8, 8),), PruneOptions(ratio=0.5))
+    assert net.c0.out_channels == 8 and not any(p.requires_grad for p in net.parameters())
+
+
 def test_criteria_choose_different_channels() -> None:
     from deployer.prune.structured import prune_channels
 

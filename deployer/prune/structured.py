@@ -144,6 +144,9 @@ def prune_channels(model: nn.Module, example: tuple[torch.Tensor, ...], opts: Pr
             else:
                 ratio_dict[mod] = r
     before = channel_counts(model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    for p in model.parameters():  # Torch-Pruning traces the graph through autograd: a frozen model shows no layer
+        p.requires_grad_(True)
     pruner = tp.pruner.MetaPruner(model, example[0] if len(example) == 1 else example,
                                   importance=importance(opts.criterion), pruning_ratio=global_ratio,
                                   pruning_ratio_dict=ratio_dict or None, ignored_layers=ignored,
@@ -155,6 +158,9 @@ def prune_channels(model: nn.Module, example: tuple[torch.Tensor, ...], opts: Pr
         taylor_loss(model).backward()
     pruner.step()
     model.zero_grad(set_to_none=True)
+    for n, p in model.named_parameters():  # pruning replaced the pruned parameters: restore by name
+        if n in frozen:
+            p.requires_grad_(False)
     after = channel_counts(model)
     with torch.no_grad():
         shape = tuple(model(*example).shape)
