@@ -105,9 +105,10 @@ def _minilm(r: dict[str, Any]) -> list[str]:
              f"texts, {r['seconds']} s)", "",
              f"- Sparse layers: {len(sp['sparse_layers'])} Linear weights (every eligible one; "
              f"{len(sp['skipped'])} weighted modules left dense: {sorted(set(sp['skipped'].values()))[:3]}).",
+             f"- FP32 export: {sp['onnx_fp32']['note']}.",
              f"- Pattern in the strongly typed graph (`model_strongly_typed.onnx`, `mixed` recipe): "
              f"{len(ts['sparse_nodes'])} weights hold 2:4, {ts['expected']} expected (the FP32 export's 2:4 weights), "
-             f"missing {ts['missing']}: **{'verified on every pruned weight' if ts['ok'] and ts['expected'] == len(sp['sparse_layers']) else 'NOT verified'}**; "
+             f"missing {ts['missing']}: **{'verified on every pruned weight' if ts['ok'] and ts['expected'] == len(sp['onnx_fp32']['sparse_nodes']) > 0 else 'NOT verified'}**; "
              f"weight dtypes {sorted(set(ts['sparse_weight_dtypes'].values()))}.",
              f"- build_engine.sh: `{' '.join(r['build_command'] or [])}`.",
              "",

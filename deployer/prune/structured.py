@@ -137,12 +137,8 @@ def prune_channels(model: nn.Module, example: tuple[torch.Tensor, ...], opts: Pr
     if opts.rules:
         for name, r in layer_ratios(model, opts.rules, opts.default).items():
             mod = model.get_submodule(name)
-            if mod in ignored:
-                continue
-            if r <= 0.0:
-                ignored.append(mod)
-            else:
-                ratio_dict[mod] = r
+            if mod not in ignored and r > 0.0:  # ratio 0: the layer's own group is not pruned (its channels
+                ratio_dict[mod] = r              # still follow a group it is tied to: depthwise, residual)
     before = channel_counts(model)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     for p in model.parameters():  # Torch-Pruning traces the graph through autograd: a frozen model shows no layer
