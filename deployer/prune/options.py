@@ -2,7 +2,8 @@
 
 - ``ratio``: the fraction of output channels removed from each prunable layer, in (0, 1).
 - ``rules``: a YAML/JSON file of ordered rules ``{match: <fnmatch pattern on module names>, ratio: r}`` (first
-  match wins; ``ratio: 0`` keeps a layer whole), plus an optional ``default`` ratio for layers no rule
+  match wins; ``ratio: 0`` leaves the layer's own channel group unpruned, while a layer tied to a pruned group,
+  e.g. a depthwise convolution, follows it), plus an optional ``default`` ratio for layers no rule
   matches (else 0: unmatched layers are kept). A plain mapping ``{pattern: ratio}`` is read as the same
   ordered rules.
 - ``criterion``: the channel importance (Torch-Pruning's importance classes):
