@@ -323,8 +323,10 @@ def deploy_with_prune(model: Any, out_dir: str | Path, deploy_options: Any, opts
     out = Path(out_dir)
     check_output_dir(out, deploy_options.overwrite)
     opts.seed = deploy_options.seed
-    if opts.calib_samples is None:
-        opts.calib_samples = deploy_options.calib_samples
+    if opts.calib_samples is None:  # the example's own split, so the teacher is `deploy --model NAME`'s model
+        from deployer.pipeline import DEFAULT_CALIB_SAMPLES
+
+        opts.calib_samples = deploy_options.calib_samples or DEFAULT_CALIB_SAMPLES
     if opts.heldout_samples is None:
         opts.heldout_samples = deploy_options.heldout_samples
     if opts.sparsity:
