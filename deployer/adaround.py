@@ -155,7 +155,9 @@ def rounded_weight(w: np.ndarray, axis: int, bits: np.ndarray) -> np.ndarray:
     """The weight on its INT8 grid with ``bits`` deciding up (True) or down: ``s * clip(floor(w/s) + bits)``.
 
     The largest |w| of each channel keeps its nearest rounding so that ``max|result_c| / 127`` is the
-    channel's scale again (see the module docstring). Returns float32 of ``w``'s shape.
+    channel's scale again (see the module docstring). An exact zero stays zero whatever its bit (``floor(0)
+    + 1`` would move it to one step): pruned weights, e.g. a 2:4 sparsity pattern, survive the rounding.
+    Returns float32 of ``w``'s shape.
     """
     s, fl, x = grid(w, axis)
     q = np.clip(fl + bits.astype(np.float64), -QMAX, QMAX)
@@ -163,6 +165,7 @@ def rounded_weight(w: np.ndarray, axis: int, bits: np.ndarray) -> np.ndarray:
     amax = np.max(np.abs(x), axis=red, keepdims=True)
     at_max = np.abs(x) >= amax
     q = np.where(at_max, np.clip(np.rint(x), -QMAX, QMAX), q)
+    q = np.where(x == 0, 0.0, q)
     return (q * s).astype(np.float32)
 
 
@@ -284,6 +287,7 @@ def learn_rounding(node: onnx.NodeProto, w: np.ndarray, xs: list[np.ndarray], cf
     f = _layer_fn(node)
     wt = torch.from_numpy(w.astype(np.float32))
     st, flt = torch.from_numpy(s.astype(np.float32)), torch.from_numpy(fl.astype(np.float32))
+    nonzero = torch.from_numpy((w != 0).astype(np.float32))
     v = torch.nn.Parameter(torch.from_numpy(v0.astype(np.float32)))
     opt = torch.optim.Adam([v], lr=cfg.learning_rate)
     blocks = [torch.from_numpy(b) for b in _rows(node, xs)]
@@ -319,7 +323,7 @@ def learn_rounding(node: onnx.NodeProto, w: np.ndarray, xs: list[np.ndarray], cf
         if time.perf_counter() > deadline:
             break
         xb = batch()
-        wq = st * torch.clamp(flt + h(), -QMAX, QMAX)
+        wq = st * torch.clamp(flt + h(), -QMAX, QMAX) * nonzero  # exact zeros stay zero (rounded_weight)
         loss = recon(xb, wq)
         if it >= warm:
             t = (it - warm) / max(cfg.iterations - warm, 1)

@@ -25,7 +25,7 @@ from deployer.recovery import DEFAULT_SMOOTHQUANT_ALPHA
 
 ADAROUND_BUDGET_S = AdaRoundConfig().time_budget_s
 
-SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill")
+SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill", "prune")
 SUBCOMMAND_HELP = {
     "deploy": "calibrate, plan, lower to --target and verify (the default when no command is given)",
     "plan": "calibrate and write the plan only (plan.json)",
@@ -36,6 +36,7 @@ SUBCOMMAND_HELP = {
     "examples": "list the built-in examples",
     "recommend": "recommend a compression route for a deployment (the seed's selection rules)",
     "distill": "distil a teacher into a small student",
+    "prune": "prune a PyTorch model's channels (Torch-Pruning) and recover with distillation",
 }
 
 
@@ -121,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     from deployer.distill.cli import add_train_flags
 
     add_train_flags(p, prefix="distill-")
+    p.add_argument("--prune", metavar="RATIO|FILE", default=None,
+                   help="prune channels of the example's torch model (--model mnist) by RATIO (0 < R < 1) or per layer "
+                        "from a rules file, fine-tune it by distillation from the unpruned model, then deploy it; "
+                        "pruning outputs go to <out>/prune/")
+    p.add_argument("--sparsity", default=None, choices=("2:4",),
+                   help="prune eligible weights to NVIDIA's 2:4 pattern (kept through INT8; tensorrt: --sparsity=enable)")
+    from deployer.prune.cli import add_recovery_flags
+
+    add_recovery_flags(p, prefix="prune-")
     return p
 
 
@@ -279,8 +289,25 @@ def cmd_deploy(argv: Sequence[str]) -> int:
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
     from deployer.errors import GateFailedError
 
+    from deployer.prune.cli import deploy_options_from
+
+    prune_opts = deploy_options_from(a)  # checked before any model work
+    if prune_opts is not None and a.distill is not None:
+        from deployer.errors import BadInputError
+
+        raise BadInputError("--prune/--sparsity and --distill in one run are not supported; distil first "
+                            "(deploy distill), then prune the student (deploy prune --model ...)")
     try:
-        if a.distill is not None:
+        if prune_opts is not None:
+            from deployer.pipeline import preflight
+            from deployer.prune.run import deploy_with_prune
+
+            opts = preflight(opts, with_plan=a.plan is not None)
+            result = deploy_with_prune(a.model, a.out, opts, prune_opts,
+                                       progress=_progress(not (a.quiet or a.json) and sys.stderr.isatty()), log=log,
+                                       prune_progress=not (a.quiet or a.json) and sys.stderr.isatty(),
+                                       calib=a.calib, plan=a.plan)
+        elif a.distill is not None:
             from deployer.distill.cli import options_from
             from deployer.distill.run import deploy_with_distill
             from deployer.pipeline import preflight
@@ -474,6 +501,10 @@ def _dispatch(args: list[str]) -> int:
         from deployer.distill.cli import cmd_distill
 
         return cmd_distill(args[1:])
+    if args and args[0] == "prune":
+        from deployer.prune.cli import cmd_prune
+
+        return cmd_prune(args[1:])
     if args and args[0] == "recommend":
         from deployer.recommend import cmd_recommend
 

@@ -3,8 +3,9 @@
 - latency-sensitive GPU serving -> TensorRT, ``mixed`` recipe (attention in FP16, the rest INT8);
 - CPU servers -> ONNX Runtime dynamic quantization (INT8 weights, activations quantized at run time);
 - edge devices -> distillation, then TFLite full-integer INT8;
-- offline batch jobs -> distillation + pruning (no deploy target of this tool does pruning: the
-  recommendation says so and gives the INT8 command to run after it).
+- offline batch jobs -> distillation + pruning: ``deploy --prune 0.3`` prunes 30% of the channels of a
+  built-in example's torch model (Torch-Pruning), recovers it by distillation from the unpruned model and
+  deploys it as INT8 for a CPU server in one run; a user model goes through ``deploy prune`` first.
 
 The ``priority`` (latency or cost) is carried into the reason; the table keys on hardware as the
 seed's rules do.
@@ -74,11 +75,22 @@ def recommend(priority: str, hardware: str, model: str | None = None) -> Recomme
                               base + ["--target", "tflite"],
                               ["distil the model first (`deploy distill`, or `deploy --distill` to chain it: "
                                "KL(student/T || teacher/T)*T^2, T in [3, 10]); then deploy the student"])
-    return Recommendation("onnxruntime", "int8", "distillation + pruning",
-                          f"batch, {why}: the seed's rule for batch jobs is distillation + pruning; deployer does "
-                          f"neither, then INT8 on a CPU server",
-                          base + ["--target", "onnxruntime"],
-                          ["distil the model", "prune it (structured pruning)", "then deploy the result"])
+    from deployer.distill.data import example_name
+
+    reason = (f"batch, {why}: the seed's rule for batch jobs is distillation + pruning: 30% of the channels "
+              f"pruned (L1), recovered by distillation from the unpruned model (KL with temperature), then INT8 "
+              f"on a CPU server")
+    if model is None or example_name(model) is not None:  # a built-in torch example: one run does it all
+        return Recommendation("onnxruntime", "int8", "distillation + pruning", reason,
+                              base + ["--prune", "0.3", "--target", "onnxruntime"], [])
+    if model.endswith(".onnx"):  # pruning needs the torch model
+        return Recommendation("onnxruntime", "int8", "distillation + pruning", reason,
+                              ["deploy", "--model", "pruned/pruned.onnx", "--calib", "CALIB_DIR", "--target", "onnxruntime"],
+                              ["prune the torch model behind " + model + ": `deploy prune --model pkg.module:factory "
+                               "--ratio 0.3 --data DATA_DIR --out pruned` (writes pruned/pruned.onnx)"])
+    return Recommendation("onnxruntime", "int8", "distillation + pruning", reason,
+                          ["deploy", "--model", "pruned/pruned.onnx", "--calib", "CALIB_DIR", "--target", "onnxruntime"],
+                          [f"deploy prune --model {model} --ratio 0.3 --data DATA_DIR --out pruned"])
 
 
 def cmd_recommend(argv: list[str]) -> int:

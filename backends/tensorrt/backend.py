@@ -155,6 +155,11 @@ class TensorRTBackend:
         script.chmod(0o755)
         findings = check_model(model)
         notes = []
+        sparsity = sparsity_check(ctx.reference, model) if options.sparse_weights else None
+        if sparsity is not None:
+            notes.append(f"2:4 sparsity: {len(sparsity['sparse_nodes'])} weight(s) hold the pattern in the strongly "
+                         f"typed graph; build_engine.sh passes --sparsity=enable" +
+                         ("" if sparsity["ok"] else f"; LOST in {sparsity['missing']}"))
         if profile:
             notes.append("optimization profile: " + describe_shapes(profile, shape_source))
         errors = [f for f in findings if f.severity == "error"]
@@ -175,6 +180,8 @@ class TensorRTBackend:
         note = float_nodes_note(extra["float_nodes"])
         if note:
             notes.append(note)
+        if sparsity is not None:
+            extra["sparsity"] = sparsity
         if extra["tensorrt"] is None:
             notes.append("engine: not built (TensorRT not installed); build it on a GPU host with "
                          "build_engine.sh: " + shlex.join(argv) + " (or: " + shlex.join(poly) + ")")
@@ -208,6 +215,19 @@ class TensorRTBackend:
             out[label] = {"engine": built.name, "build_log": built.with_suffix(".build.log").name,
                           "vs_onnxruntime": compare_engine(built, src, samples)}
         return out
+
+
+def sparsity_check(reference: onnx.ModelProto, lowered: onnx.ModelProto) -> dict[str, Any]:
+    """2:4 pattern of the strongly typed graph: every weight that is 2:4 in the FP32 reference must still be
+    2:4 in the lowered graph (its INT8 values: symmetric scales with zero point 0 map 0.0 to 0; FP16 casts
+    keep 0). Returns :func:`deployer.prune.pattern.check_2to4`'s dict without the per-weight list, plus
+    ``pattern`` and ``checked_in``."""
+    from deployer.prune.pattern import check_2to4, sparse_nodes
+
+    res = check_2to4(lowered, sparse_nodes(reference))
+    dtypes = {w["node"]: w["dtype"] for w in res.pop("weights")}  # type: ignore[attr-defined]
+    return {"pattern": "2:4", "checked_in": "model_strongly_typed.onnx", **res,
+            "sparse_weight_dtypes": {n: dtypes[n] for n in res["sparse_nodes"]}}  # type: ignore[attr-defined]
 
 
 def _ort_version() -> str:

@@ -43,12 +43,16 @@ class EngineOptions:
         timing_cache: timing-cache file (read if it exists, written after the build).
         version_compatible: build a version-compatible engine (runs on later TensorRT runtimes).
         hardware_compatibility: ``None``, ``"ampere_plus"`` or ``"same_compute_capability"``.
+        sparse_weights: let TensorRT pick 2:4 sparse tensor-core kernels for weights holding the pattern
+            (``BuilderFlag.SPARSE_WEIGHTS``; ``trtexec --sparsity=enable``; ``polygraphy --sparse-weights``;
+            TensorRT Developer Guide, "Structured Sparsity"). Set by ``deploy --sparsity 2:4``.
     """
 
     input_shapes: Mapping[str, ShapeRange] = field(default_factory=dict)
     timing_cache: Path | None = None
     version_compatible: bool = False
     hardware_compatibility: str | None = None
+    sparse_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.hardware_compatibility is not None and self.hardware_compatibility not in HARDWARE_LEVELS:
@@ -59,7 +63,8 @@ class EngineOptions:
     def from_backend_options(cls, options: Mapping[str, Any], timing_cache: Path | None) -> "EngineOptions":
         return cls(input_shapes=dict(options.get("input_shapes") or {}), timing_cache=timing_cache,
                    version_compatible=bool(options.get("trt_version_compatible", False)),
-                   hardware_compatibility=options.get("trt_hardware_compatibility"))
+                   hardware_compatibility=options.get("trt_hardware_compatibility"),
+                   sparse_weights=bool(options.get("trt_sparsity", False)))
 
 
 # -- command lines (pure) ------------------------------------------------------------------------------
@@ -85,6 +90,8 @@ def trtexec_argv(onnx_path: str, engine_path: str, options: EngineOptions | None
     if o.hardware_compatibility:
         argv.append("--hardwareCompatibilityLevel=" + {"ampere_plus": "ampere+",
                                                       "same_compute_capability": "none"}[o.hardware_compatibility])
+    if o.sparse_weights:
+        argv.append("--sparsity=enable")
     return argv
 
 
@@ -99,6 +106,8 @@ def polygraphy_convert_argv(onnx_path: str, engine_path: str, options: EngineOpt
         argv.append("--version-compatible")
     if o.hardware_compatibility:
         argv += ["--hardware-compatibility-level", o.hardware_compatibility]
+    if o.sparse_weights:
+        argv.append("--sparse-weights")
     return argv
 
 
@@ -170,6 +179,8 @@ def build_engine(onnx_path: Path, engine_path: Path, options: EngineOptions | No
         _add_profile(trt, builder, network, config, o.input_shapes)
         if o.version_compatible:
             config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+        if o.sparse_weights:
+            config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
         if o.hardware_compatibility:
             config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
                                                           HARDWARE_LEVELS[o.hardware_compatibility])

@@ -23,7 +23,6 @@ Options (``ctx.options``, CLI flags in brackets): ``tflite_io`` int8 | uint8 | f
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import shutil
@@ -71,12 +70,18 @@ class TFLiteBackend:
         return True, ""
 
     def precheck(self, model: onnx.ModelProto, options: dict[str, Any]) -> list[Finding]:
-        """Before calibration (``deploy --target tflite,...``): :meth:`check`; under ``strict`` an op that
-        would stay float is an error too (the target would fail after calibration otherwise)."""
+        """Before calibration (``deploy --target tflite,...``): :meth:`check`.
+
+        Raises:
+            GateFailedError: ``strict`` and an op would stay float (the target would fail after
+                calibration otherwise; exit 1 as any ``--strict`` miss).
+        """
         findings = self.check(model)
-        if TFLiteOptions.from_options(options).strict:
-            findings = [dataclasses.replace(f, severity="error", fix="drop --strict to keep it as a float island")
-                        if f.rule == "tflite-float-op" else f for f in findings]
+        floats = [f for f in findings if f.rule == "tflite-float-op"]
+        if floats and TFLiteOptions.from_options(options).strict:
+            raise GateFailedError(f"--strict: {len(floats)} op(s) would stay float in the .tflite: "
+                                  + ", ".join(f"{f.node} ({f.message[:60]})" for f in floats[:5])
+                                  + "; drop --strict to keep them as float islands")
         return findings
 
     def escalation_options(self, options: dict[str, Any]) -> list[dict[str, Any]]:
