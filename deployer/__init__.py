@@ -11,7 +11,7 @@ Every user-facing error is a :class:`DeployerError`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +33,7 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
            fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
            eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
            equalize: bool = False, no_smoothquant: bool = False, adaround: float | None = None,
-           min_fidelity: Any = None, heldout: str | Path | None = None,
+           min_fidelity: Any = None, heldout: str | Path | None = None, gates: Mapping[str, float] | None = None,
            progress: Callable[[str, int, int], None] | None = None, **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
@@ -50,7 +50,13 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         calib_samples / heldout_samples / seed / ema_momentum / no_cache: as the CLI flags.
         bias_correction: add empirical bias correction to the plan (default on).
         fidelity_target / search_budget: mixed-precision search (see :mod:`deployer.mixed`).
-        enforce_gates: raise :class:`deployer.errors.GateFailedError` when a release gate fails.
+        enforce_gates: raise :class:`deployer.errors.GateFailedError` when a seed release gate
+            (``speed-per-fidelity``, ``size-vs-recall``) fails.
+        gates: gate thresholds ``{name: value}`` (:mod:`deployer.gates`: ``top1_agreement``,
+            ``cosine_mean``, ``sqnr_db``, ``task_accuracy_relative`` ... pass when metric >= value;
+            ``speed-per-fidelity``: ratio; ``size-vs-recall``: max relative loss). Each one given is enforced:
+            a failure raises :class:`deployer.errors.GateFailedError` after the outputs are written
+            (``e.result``). An unknown name raises ``BadInputError`` before any work.
         eval_dir: labelled evaluation data (``DIR/inputs/`` + ``DIR/labels.npy``).
         metric: callable ``outputs -> {name: value}`` on the held-out outputs (your task metric).
         smoothquant: SmoothQuant alpha for transformer MatMuls (Xiao et al. 2023); None = the recipe's
@@ -73,8 +79,11 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         DeployerError: bad input (``BadInputError``), unavailable backend (``BackendUnavailableError``).
     """
     from deployer.errors import BadInputError
+    from deployer.gates import parse_gates
     from deployer.pipeline import DeployOptions, run_deploy
     from deployer.shapes import ShapeRange
+
+    gate_thresholds = parse_gates(gates, "gates")
 
     unknown = sorted(set(backend_options) - set(BACKEND_OPTIONS))
     if unknown:
@@ -95,7 +104,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          fidelity_target=fidelity_target, search_budget=search_budget,
                          enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
                          equalize=equalize, no_smoothquant=no_smoothquant, adaround=adaround,
-                         min_fidelity=min_fidelity, heldout_dir=heldout, backend_options=backend_options)
+                         min_fidelity=min_fidelity, heldout_dir=heldout, backend_options=backend_options,
+                         gates=gate_thresholds)
     import logging
 
     logger = logging.getLogger("deployer")

@@ -53,7 +53,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="mixed-precision search: keep the fewest layers in FP16/float so the primary metric "
                         f"reaches this fraction of FP32 (no value: the default target {DEFAULT_FIDELITY_TARGET})")
     p.add_argument("--search-budget", type=int, default=24, help="evaluations the search may spend (default 24)")
-    p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a release gate fails")
+    p.add_argument("--enforce-gates", action="store_true",
+                   help="exit 1 when a seed release gate (speed-per-fidelity, size-vs-recall) fails")
+    p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
+                   help="gate threshold, repeatable, enforced (exit 1 on fail): top1_agreement, cosine_mean, "
+                        "sqnr_db, task_accuracy(_relative) pass when metric >= VALUE; speed-per-fidelity=RATIO; "
+                        "size-vs-recall=MAX_LOSS")
     p.add_argument("--min-fidelity", default=None, metavar="SPEC",
                    help="fidelity floor every output must reach to ship (default cosine=0.99,sqnr_db=20); below it "
                         "the target is escalated, then marked 'does not ship' (exit 1)")
@@ -244,6 +249,7 @@ def cmd_check(argv: Sequence[str]) -> int:
 
 
 def cmd_deploy(argv: Sequence[str]) -> int:
+    from deployer.gates import parse_gates
     from deployer.pipeline import DeployOptions, run_deploy
 
     a = build_parser().parse_args(argv)
@@ -265,7 +271,8 @@ def cmd_deploy(argv: Sequence[str]) -> int:
                          bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
                          adaround=a.adaround,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
-                         enforce_gates=a.enforce_gates, eval_dir=a.eval_dir, min_fidelity=a.min_fidelity,
+                         enforce_gates=a.enforce_gates, gates=parse_gates(a.gate), eval_dir=a.eval_dir,
+                         min_fidelity=a.min_fidelity,
                          heldout_dir=a.heldout_dir)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
     from deployer.errors import GateFailedError

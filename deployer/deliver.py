@@ -24,7 +24,7 @@ import numpy as np
 
 from backends.base import Artifact, Backend, LoweringContext
 from deployer.errors import DeployerError
-from deployer.gates import evaluate_gates
+from deployer.gates import NOT_EVALUATED, GateConfig, evaluate_gates
 from deployer.escalate import SAFETY_DB
 from deployer.judge import FidelityFloor, below_floor, floor_margin
 from deployer.plan import Precision, QuantPlan
@@ -296,10 +296,11 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
     section["misses"] = misses
     section["passed"] = not misses
     res.extra["fidelity_floor"] = section
-    gates = evaluate_gates({"fidelity": res.fidelity, "size_bytes": res.size_bytes, **res.extra})
+    gates = evaluate_gates({"fidelity": res.fidelity, "size_bytes": res.size_bytes, **res.extra},
+                           GateConfig(dict(opts.gates or {})))
     gates[FLOOR_GATE] = ({"status": "fail", "enforced": True, "misses": misses} if misses else
                          {"status": "pass", "enforced": True} if res.fidelity else
-                         {"status": "not applicable", "enforced": True, "reason": "artifact not run here"})
+                         {"status": NOT_EVALUATED, "enforced": True, "reason": "artifact not run here"})
     res.extra["gates"] = gates
     if misses:
         why = "below the fidelity floor" + (" (a given plan is not escalated)" if section["escalated"] is False and

@@ -16,7 +16,7 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +34,11 @@ from calibration.observers import (DEFAULT_EMA_MOMENTUM, HISTOGRAM_OBSERVERS, OB
                                    reduce_range)
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
-from deployer.gates import failed
+from deployer.gates import failed_enforced, parse_gates
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
-from deployer.recipe import decide, load_recovery, load_rules
+from deployer.recipe import decide, load_gates, load_recovery, load_rules
 from deployer.deliver import (FLOOR_GATE, Shared, TargetResult, deliver, failed_target,  # noqa: F401
                               labelled_metrics, target_plan)
 from deployer.judge import FidelityFloor
@@ -74,7 +74,10 @@ class DeployOptions:
         fidelity_target: run the mixed-precision search (:mod:`deployer.mixed`) for this fraction of
             FP32's primary metric (e.g. 0.99); None = no search.
         search_budget: evaluations the search may spend after its sensitivity pass.
-        enforce_gates: a failed release gate raises :class:`GateFailedError` (exit 1) after writing.
+        enforce_gates: a failed seed release gate (``speed-per-fidelity``, ``size-vs-recall``) raises
+            :class:`GateFailedError` (exit 1) after writing.
+        gates: gate thresholds ``{name: value}`` (:mod:`deployer.gates`), over a recipe file's ``gates``;
+            each one given is enforced (a failure raises :class:`GateFailedError` after writing).
         eval_dir: labelled held-out data (``DIR/inputs/`` samples + ``DIR/labels.npy``) replacing
             the held-out set; enables labelled metrics (accuracy, macro recall) and the recall gate.
         metric: user task metric: per-sample outputs of the held-out set -> ``{name: value}``;
@@ -108,6 +111,7 @@ class DeployOptions:
     fidelity_target: float | None = None
     search_budget: int = 24
     enforce_gates: bool = False
+    gates: Mapping[str, float] | None = None
     eval_dir: str | Path | None = None
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
     min_fidelity: FidelityFloor | str | float | dict[str, float] | None = None
@@ -493,7 +497,8 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
         BadInputError: the first problem found.
     """
     opts = _checked_recovery(opts)
-    opts = dataclasses.replace(opts, min_fidelity=FidelityFloor.parse(opts.min_fidelity))
+    opts = dataclasses.replace(opts, min_fidelity=FidelityFloor.parse(opts.min_fidelity),
+                               gates={**load_gates(opts.recipe), **parse_gates(opts.gates, "gates")})
     if opts.heldout_dir is not None and opts.eval_dir is not None:
         raise BadInputError("--heldout and --eval both replace the held-out set: give --eval DIR for labelled "
                             "data or --heldout DIR for unlabelled samples, not both")
@@ -750,8 +755,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                 results[t] = failed_target(t, e)
                 continue
             for name, gate in results[t].extra.get("gates", {}).items():
-                if name != FLOOR_GATE:  # reported always; exit 1 only when enforced (the floor always is)
-                    gate["enforced"] = bool(opts.enforce_gates)
+                if name != FLOOR_GATE:  # reported always; exit 1 only when enforced: the floor always,
+                    gate["enforced"] = bool(gate.get("enforced") or opts.enforce_gates)  # a user-set one too
             if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference):
                 seen = the_plan.calibration.get("input_shapes") or {}
                 shown = "; ".join(f"{n}: {v}" for n, v in seen.items()) or "none recorded in the plan"
@@ -782,10 +787,10 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
 
         write_html(report, tmp)
     result = DeployResult(out_dir, out_dir / "plan.json", out_dir / "report.json", results, report)
-    failing = {t: [g for g in failed(r.extra.get("gates", {})) if g != FLOOR_GATE]
+    failing = {t: [g for g in failed_enforced(r.extra.get("gates", {})) if g != FLOOR_GATE]
                for t, r in results.items()}
     failing = {t: g for t, g in failing.items() if g}
-    if opts.enforce_gates and failing:
+    if failing:
         raise GateFailedError(f"release gate(s) failed: {failing}; see {result.report_path} (outputs were written)",
                               result=result)
     return result
