@@ -11,13 +11,14 @@ Every user-facing error is a :class:`DeployerError`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 __version__ = "0.1.0"
 
 from deployer.errors import DeployerError  # noqa: E402
+from deployer.results import Fidelity, GateResult, OutputRecord, SpeedRecord, TargetName, Verdict  # noqa: E402
 
 if TYPE_CHECKING:  # the pipeline imports onnx and the backends: loaded only when deploy() runs
     from deployer.pipeline import DeployResult
@@ -26,7 +27,8 @@ if TYPE_CHECKING:  # the pipeline imports onnx and the backends: loaded only whe
 BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout", "input_shapes")
 
 
-def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", recipe: str = "int8",
+def deploy(model: Any = None, calibration: Any = None,
+           targets: Literal["all"] | TargetName | str | Sequence[TargetName] = "all", recipe: str = "int8",
            out_dir: str | Path = "deploy-out", observer: str = "minmax", plan: Any = None,
            overwrite: bool = False, calib_samples: int | None = None, heldout_samples: int = 300, seed: int = 0,
            ema_momentum: float = 0.9, no_cache: bool = False, bias_correction: bool = True,
@@ -41,7 +43,10 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         model: ``.onnx`` path, ``onnx.ModelProto``, ``torch.nn.Module``, built-in example name or None
             (the default example, EfficientNet-Lite0).
         calibration: folder of ``.npy``/``.npz`` samples, or an iterable of ``dict[input_name, ndarray]``.
-        targets: ``"all"``, ``"tflite,tensorrt"`` or a list of names.
+        targets: ``"all"``, ``"tflite,tensorrt"`` or a list of names (:data:`deployer.results.TargetName`
+            for the built-in ones; a plugin's name through ``typing.cast``). Checked against the
+            installed backends before any work: an unknown name raises ``BadInputError`` with "did you
+            mean".
         recipe: ``int8``, ``mixed``, ``fp16`` or a rules file.
         out_dir: output directory (must not exist unless ``overwrite``).
         observer: ``minmax``, ``ema``, ``percentile``, ``entropy``, ``mse`` or ``auto`` (one per tensor,
@@ -84,6 +89,9 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
     from deployer.shapes import ShapeRange
 
     gate_thresholds = parse_gates(gates, "gates")
+    from backends.base import discover, resolve_targets
+
+    resolve_targets(targets, discover())  # an unknown target fails here, before any work
 
     unknown = sorted(set(backend_options) - set(BACKEND_OPTIONS))
     if unknown:
@@ -134,4 +142,5 @@ def verify_artifact(artifact: str | Path, data: str | Path, reference: str | Pat
     return _verify(artifact, data, reference, out_dir, VerifyOptions(overwrite=overwrite))
 
 
-__all__ = ["deploy", "verify_artifact", "DeployerError", "__version__"]
+__all__ = ["deploy", "verify_artifact", "DeployerError", "__version__", "TargetName", "Fidelity", "OutputRecord",
+           "GateResult", "SpeedRecord", "Verdict"]

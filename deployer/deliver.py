@@ -18,7 +18,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from deployer.escalate import SAFETY_DB
 from deployer.judge import FidelityFloor, below_floor, floor_margin
 from deployer.plan import Precision, QuantPlan
 from deployer.qdq import for_policy
+from deployer.results import Fidelity, GateResult, SpeedRecord, Verdict
 from deployer.verify import fidelity
 
 if TYPE_CHECKING:
@@ -45,10 +46,25 @@ class TargetResult:
     target: str
     artifact: str
     size_bytes: dict[str, int | None]
-    fidelity: dict[str, Any]
+    fidelity: Fidelity
     verified_by: str
     notes: list[str]
     extra: dict[str, Any]
+
+    @property
+    def verdict(self) -> Verdict:
+        """Whether this target ships, and why (``{"ships": bool, "reason": str}``)."""
+        return cast(Verdict, self.extra.get("verdict") or {"ships": False, "reason": "not judged"})
+
+    @property
+    def gates(self) -> dict[str, GateResult]:
+        """``gates.<name>`` of the report (:mod:`deployer.gates`)."""
+        return cast("dict[str, GateResult]", self.extra.get("gates") or {})
+
+    @property
+    def speed(self) -> SpeedRecord | None:
+        """The speed record where this target was timed here, else None."""
+        return cast("SpeedRecord | None", self.extra.get("speed"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "artifact": self.artifact, "size_bytes": self.size_bytes,
@@ -116,7 +132,8 @@ def lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[
         if inputs.labels is not None:
             extra["labelled"] = {"fp32": labelled_metrics(ref_out, inputs.labels),
                                  "artifact": labelled_metrics(outputs, inputs.labels)}
-    return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, fid, art.verified_by, art.notes, extra)
+    return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, cast(Fidelity, fid), art.verified_by,
+                        art.notes, extra)
 
 
 _FP32_TASK: dict[int, dict[str, float]] = {}
@@ -238,6 +255,23 @@ def _model_of(score: Any) -> Any:
     return score.reference_model
 
 
+def mark_foreign_cpu(res: TargetResult, built_for: str | None, machine: str | None = None) -> None:
+    """Mark ``res``'s speed records ``same_cpu: false`` when the artifact was built for another CPU
+    architecture (a backend's ``artifact_cpu``, e.g. ``"arm"`` for TFLite) than this machine's: speed is
+    judged only on the CPU an artifact was built for (:mod:`deployer.gates`)."""
+    import platform
+
+    if not built_for:
+        return
+    here = (machine or platform.machine()).lower()
+    arm = here.startswith(("arm", "aarch64"))
+    same = arm if built_for == "arm" else here == built_for.lower()
+    for key in ("speed", "latency_ms", "throughput_qps"):
+        rec = res.extra.get(key)
+        if isinstance(rec, dict) and not same:
+            rec.update(same_cpu=False, built_for=built_for, measured_on=here)
+
+
 def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptions, tmp: Path,
             ref_out: list[list[np.ndarray]], out_names: list[str], floor: FidelityFloor, escalate_ok: bool,
             shared: Shared, progress: Progress, log: Callable[[str], None]) -> TargetResult:
@@ -296,6 +330,7 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
     section["misses"] = misses
     section["passed"] = not misses
     res.extra["fidelity_floor"] = section
+    mark_foreign_cpu(res, getattr(backend, "artifact_cpu", None))
     gates = evaluate_gates({"fidelity": res.fidelity, "size_bytes": res.size_bytes, **res.extra},
                            GateConfig(dict(opts.gates or {})))
     gates[FLOOR_GATE] = ({"status": "fail", "enforced": True, "misses": misses} if misses else

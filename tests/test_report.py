@@ -122,8 +122,8 @@ def test_gates_column_shows_report_gates(tmp_path: Path, tiny: tuple[Path, dict]
     from deployer.report_html import format_gates
 
     named = {"speed-per-fidelity": {"status": "fail", "enforced": False, "fidelity_loss_points": 4.3},
-             "size-vs-recall": {"status": "not applicable", "reason": "no labels", "enforced": False}}
-    assert format_gates(named) == "speed-per-fidelity: fail (not enforced); size-vs-recall: not applicable (no labels)"
+             "size-vs-recall": {"status": "not evaluated", "reason": "no labels", "enforced": False}}
+    assert format_gates(named) == "speed-per-fidelity: fail (not enforced); size-vs-recall: not evaluated (no labels)"
 
 
 # -- headless Chromium ------------------------------------------------------------------------------
