@@ -132,7 +132,9 @@ def _plan_parser() -> argparse.ArgumentParser:
 
 def _print(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(msg, file=sys.stderr)
+        from deployer.terminal import fit
+
+        print(fit(msg), file=sys.stderr)
 
 
 def _progress(enabled: bool) -> Any:
@@ -298,6 +300,8 @@ def cmd_deploy(argv: Sequence[str]) -> int:
             print(json.dumps(written, indent=1, sort_keys=True))
         elif written is not None and not a.quiet:
             print(format_table(written))
+        if written is not None:
+            _save_log(getattr(e.result, "out_dir", ""))
         raise
     if a.json:
         print(json.dumps(result.report, indent=1, sort_keys=True))
@@ -306,10 +310,25 @@ def cmd_deploy(argv: Sequence[str]) -> int:
         if a.verbose:
             for row in result.report.get("layers", {}).get("layers", [])[:10]:
                 _print(f"  {row['node']:<40} {row['op_type']:<12} {row['precision']:<5} SQNR {row['sqnr_db']} dB", False)
-        print(f"\nwrote {result.out_dir}/ (plan.json, report.json, report.html, artifacts)")
+        from deployer.terminal import fit
+
+        print(fit(f"\nwrote {result.out_dir}/ (plan.json, report.json, report.html, log.txt, artifacts)"))
+    _save_log(result.out_dir)
     from deployer.commands import exit_code_for_report
 
     return exit_code_for_report(result.report)
+
+
+def _save_log(out_dir: Any) -> None:
+    """Third-party output captured during the run (:func:`deployer.terminal.captured_stderr`) as
+    ``<out>/log.txt``."""
+    from pathlib import Path
+
+    from deployer.terminal import captured_log
+
+    text = captured_log()
+    if text and Path(out_dir).is_dir():
+        (Path(out_dir) / "log.txt").write_text(text, encoding="utf-8")
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -376,15 +395,18 @@ def _silenced_stderr(enabled: bool) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deploy`` console script; returns the exit code."""
+    from deployer.terminal import captured_stderr, fit, quiet_libraries
+
     args = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_libraries()  # before TensorFlow / LiteRT are imported
     original_error = argparse.ArgumentParser.error
     argparse.ArgumentParser.error = _usage_error  # type: ignore[method-assign,assignment]
     try:
-        with _silenced_stderr("--quiet" in args):
+        quiet = "--quiet" in args
+        with _silenced_stderr(quiet), (contextlib.nullcontext() if quiet else captured_stderr()):
             return _dispatch(args)
     except DeployerError as e:
-        print(f"deploy: error: {e}", file=sys.stderr)
+        print(fit(f"deploy: error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt as e:
         print("deploy: interrupted; no output was written", file=sys.stderr)

@@ -216,3 +216,27 @@ def failed(gates: Mapping[str, Mapping[str, Any]]) -> list[str]:
 def failed_enforced(gates: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Names of the enforced gates that failed."""
     return [name for name, g in gates.items() if g.get("status") == FAIL and g.get("enforced")]
+
+
+def describe(name: str, gate: Mapping[str, Any]) -> str:
+    """One line: ``"cosine_mean 0.981 < 0.99"``, ``"speed-per-fidelity: 0.7x < required 1.0x"`` ..."""
+    if "value" in gate:
+        v = gate["value"]
+        return f"{name} {'inf' if v is None else v} {'>=' if gate.get('status') == PASS else '<'} {gate.get('threshold')}"
+    if "required_speedup" in gate:
+        return f"{name}: {gate.get('speedup')}x vs required {gate['required_speedup']}x"
+    if "relative_loss" in gate:
+        return f"{name}: {gate.get('metric')} lost {100 * float(gate['relative_loss']):.1f}% (max " \
+               f"{100 * float(gate.get('threshold', 0)):.1f}%)"
+    return f"{name}: {gate.get('status')}" + (f" ({gate['reason']})" if gate.get("reason") else "")
+
+
+def gate_verdict(result: Any) -> None:
+    """A target (``TargetResult``) that ships but failed an enforced gate (other than the floor, which
+    gives its own verdict) does not ship: its ``verdict`` names the gates."""
+    gates = result.extra.get("gates") or {}
+    verdict = result.extra.get("verdict") or {}
+    bad = [n for n in failed_enforced(gates) if n != FLOOR_GATE]
+    if bad and verdict.get("ships", True):
+        result.extra["verdict"] = {"ships": False,
+                                   "reason": "gate failed: " + "; ".join(describe(n, gates[n]) for n in bad)}

@@ -34,7 +34,7 @@ from calibration.observers import (DEFAULT_EMA_MOMENTUM, HISTOGRAM_OBSERVERS, OB
                                    reduce_range)
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
-from deployer.gates import failed_enforced, parse_gates
+from deployer.gates import failed_enforced, gate_verdict, parse_gates
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
@@ -757,6 +757,7 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
             for name, gate in results[t].extra.get("gates", {}).items():
                 if name != FLOOR_GATE:  # reported always; exit 1 only when enforced: the floor always,
                     gate["enforced"] = bool(gate.get("enforced") or opts.enforce_gates)  # a user-set one too
+            gate_verdict(results[t])
             if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference):
                 seen = the_plan.calibration.get("input_shapes") or {}
                 shown = "; ".join(f"{n}: {v}" for n, v in seen.items()) or "none recorded in the plan"
