@@ -23,6 +23,7 @@ import textwrap
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 _CAPTURE: list[Path] = []
 
@@ -74,12 +75,13 @@ def captured_stderr() -> Iterator[None]:
     """Send file descriptor 2 (C/C++ output, child processes) and Python warnings to a log file, and
     ``sys.stderr`` to the terminal. A no-op where ``sys.stderr`` is not the process's own (a test's
     capture): there is then no terminal to protect."""
-    err = sys.stderr
+    err: TextIO | None = sys.stderr
     if err is None or err is not sys.__stderr__:
         yield
         return
     quiet_libraries()
-    err.flush()
+    if err is not None:  # (narrowed above; mypy takes __stderr__'s Optional type)
+        err.flush()
     fd, name = tempfile.mkstemp(prefix="deploy-", suffix=".log")
     saved = os.dup(2)
     term = io.TextIOWrapper(os.fdopen(os.dup(saved), "wb", buffering=0), encoding="utf-8", errors="replace",
