@@ -138,21 +138,32 @@ def _print(msg: str, quiet: bool) -> None:
 
 
 def _progress(enabled: bool) -> Any:
+    """A ``progress(step, done, total)`` callback drawing one bar per running step on stderr, with the
+    elapsed time (steps without a count report ``0/1`` then ``1/1``: the bar shows the time spent)."""
     if not enabled:
         return lambda *a: None
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"tasks": {}}
 
     def update(task: str, done: int, total: int) -> None:
-        from rich.progress import Progress
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from deployer.terminal import width
 
         if "p" not in state:
-            state["p"] = Progress(transient=True)
+            state["p"] = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None),
+                                  MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+                                  console=Console(file=sys.stderr, width=width()))
             state["p"].start()
-            state["t"] = state["p"].add_task(task, total=total)
-        state["p"].update(state["t"], completed=done)
+        tasks = state["tasks"]
+        if task not in tasks:
+            tasks[task] = state["p"].add_task(task[:40], total=max(total, 1))
+        state["p"].update(tasks[task], completed=done, total=max(total, 1))
         if done >= total:
-            state["p"].stop()
-            state.clear()
+            state["p"].remove_task(tasks.pop(task))
+            if not tasks:
+                state["p"].stop()
+                del state["p"]
 
     return update
 

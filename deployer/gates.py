@@ -79,8 +79,9 @@ def check_gate_name(name: str) -> str:
         raise BadInputError("the fidelity-floor gate is set with --min-fidelity (e.g. --min-fidelity "
                             "cosine=0.99,sqnr=20), not --gate")
     close = difflib.get_close_matches(name, GATE_NAMES, n=2, cutoff=0.5)
-    hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise BadInputError(f"unknown gate {name!r}; {hint}gates: {', '.join(GATE_NAMES)}")
+    if close:
+        raise BadInputError(f"unknown gate {name!r}; did you mean {' or '.join(close)}?")
+    raise BadInputError(f"unknown gate {name!r}; gates: {', '.join(GATE_NAMES)}")
 
 
 def parse_gates(specs: Mapping[str, Any] | Iterable[str] | None, where: str = "--gate") -> dict[str, float]:

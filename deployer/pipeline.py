@@ -717,7 +717,9 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         stats = None
     else:
         stats = compute_statistics(inputs, opts, progress)
+        progress("plan (recovery, AdaRound)", 0, 1)  # AdaRound alone may run its budget (up to 600 s)
         the_plan = make_plan(inputs, stats, opts)
+        progress("plan (recovery, AdaRound)", 1, 1)
         ada = the_plan.recipe.get("adaround")
         if isinstance(ada, dict) and ada.get("warning"):
             plan_warning = str(ada["warning"])
@@ -745,15 +747,18 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         for t in targets:
             log(f"lowering to {t} ...")
             tplan = target_plan(backends[t], the_plan, inputs.reference, opts.backend_options)
+            progress(f"lowering {t}", 0, 1)  # one opaque step: the bar shows its elapsed time
             try:
                 results[t] = deliver(backends[t], the_plan, inputs, opts, tmp, ref_out, out_names, floor,
                                      escalate_ok=loaded_plan is None, shared=shared, progress=progress, log=log)
             except DeployerError as e:  # this target cannot deliver; the others still do
+                progress(f"lowering {t}", 1, 1)
                 errors[t] = e
                 shutil.rmtree(tmp / t, ignore_errors=True)
                 log(f"{t}: failed (exit {e.exit_code}): {' '.join(str(e).split())[:200]}")
                 results[t] = failed_target(t, e)
                 continue
+            progress(f"lowering {t}", 1, 1)
             for name, gate in results[t].extra.get("gates", {}).items():
                 if name != FLOOR_GATE:  # reported always; exit 1 only when enforced: the floor always,
                     gate["enforced"] = bool(gate.get("enforced") or opts.enforce_gates)  # a user-set one too
@@ -782,7 +787,9 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         if plan_warning:
             report["warnings"] = [plan_warning]
         log("per-layer error and report.html ...")
+        progress("per-layer error", 0, 1)
         report["layers"] = _layers(inputs, the_plan, prepared)
+        progress("per-layer error", 1, 1)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         from deployer.report_html import write_html
 
