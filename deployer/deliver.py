@@ -76,6 +76,12 @@ class Shared:
     """What every target of one run shares: the escalation order is computed once, on first need."""
 
     order: list[dict[str, Any]] | None = None
+    kept: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+    """Each target's first output on the first :data:`KEPT_SAMPLES` held-out samples (float32, flattened),
+    for the report's parity table (targets against each other on the same samples)."""
+
+
+KEPT_SAMPLES = 64
 
 
 def target_plan(backend: Backend, plan: QuantPlan, reference: Any, options: dict[str, Any]) -> QuantPlan:
@@ -111,7 +117,7 @@ def input_shapes(inputs: Inputs) -> dict[str, tuple[int, ...]]:
 
 
 def lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[np.ndarray]], out_names: list[str],
-                     inputs: Inputs, tmp: Path) -> TargetResult:
+                     inputs: Inputs, tmp: Path, kept: dict[str, list[np.ndarray]] | None = None) -> TargetResult:
     """Lower ``ctx.plan`` with ``backend``, run the artifact on the held-out samples and judge every output."""
     art: Artifact = backend.lower(ctx)
     fid: dict[str, Any] = {}
@@ -128,6 +134,8 @@ def lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[
     if art.throughput is not None:
         extra["throughput_qps"] = art.throughput(inputs.heldout)
     if outputs is not None:
+        if kept is not None:
+            kept[backend.name] = [np.asarray(o[0], dtype=np.float32).ravel() for o in outputs[:KEPT_SAMPLES]]
         fid.update(task_metrics(inputs, ref_out, outputs))
         if inputs.labels is not None:
             extra["labelled"] = {"fp32": labelled_metrics(ref_out, inputs.labels),
@@ -297,7 +305,7 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
                 notes.append(f"fidelity target {opts.fidelity_target}: {len(searched['kept_high_precision'])} layer(s) "
                              f"kept in {searched['precision']} for this target; its plan is {backend.name}/plan.json")
         res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out, out_names,
-                               inputs, tmp)
+                               inputs, tmp, shared.kept)
         misses = below_floor(res.fidelity, floor) if res.fidelity else []
         section: dict[str, Any] = {"floor": floor.to_dict(), "escalated": False}
         if misses and escalate_ok:
@@ -312,7 +320,7 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
                 shutil.rmtree(tmp / backend.name, ignore_errors=True)
                 plan, options = new_plan, new_options
                 res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out,
-                                       out_names, inputs, tmp)
+                                       out_names, inputs, tmp, shared.kept)
                 notes.append(f"escalated for the fidelity floor: {len(esc.get('kept', []))} layer(s) kept in "
                              f"{esc.get('precision', 'higher precision')}"
                              + (f", options {new_options}" if new_options != dict(opts.backend_options) else "")

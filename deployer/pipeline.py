@@ -784,12 +784,13 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         if len(errors) == len(results):  # nothing delivered: the worst error, and no output is written
             raise max(errors.values(), key=lambda e: e.exit_code)
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
+        from deployer.parity import parity
+
+        report["parity"] = parity([r[0] for r in ref_out[:64]], shared.kept, out_names[0] if out_names else "")
         if plan_warning:
             report["warnings"] = [plan_warning]
         log("per-layer error and report.html ...")
-        progress("per-layer error", 0, 1)
-        report["layers"] = _layers(inputs, the_plan, prepared)
-        progress("per-layer error", 1, 1)
+        report["layers"] = _layers(inputs, the_plan, prepared, shared, progress)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         from deployer.report_html import write_html
 
@@ -850,14 +851,37 @@ def imported_plan(inputs: Inputs) -> QuantPlan:
     )
 
 
-def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto) -> dict[str, Any]:
-    """The report's ``layers``: per-layer SQNR on a few held-out samples (:mod:`deployer.layer_error`)."""
+SENSITIVITY_SAMPLES = 4
+"""Held-out samples of the report's one-layer-alone sensitivity pass (when escalation did not compute it)."""
+
+
+def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto, shared: Shared | None = None,
+            progress: Progress = _noop) -> dict[str, Any]:
+    """The report's ``layers``: per-layer SQNR on a few held-out samples (:mod:`deployer.layer_error`),
+    plus ``sensitivity``: each MAC layer's own sensitivity, the model-output SQNR (dB) with only that
+    layer quantized (AIMET-style; :func:`deployer.escalate.layer_order`, reused from escalation when it
+    ran)."""
+    from deployer.escalate import layer_order
     from deployer.layer_error import layer_errors
 
     try:
-        return layer_errors(inputs.reference, plan, inputs.heldout, lower_from=prepared)
+        progress("per-layer error", 0, 1)
+        out = layer_errors(inputs.reference, plan, inputs.heldout, lower_from=prepared)
+        progress("per-layer error", 1, 1)
     except DeployerError as e:
+        progress("per-layer error", 1, 1)
         return {"method": "not computed", "error": str(e), "samples": 0, "layers": []}
+    order = shared.order if shared is not None and shared.order is not None else None
+    if order is None:
+        try:
+            order = layer_order(plan, inputs.reference, list(inputs.heldout)[:SENSITIVITY_SAMPLES],
+                                progress=lambda d, t: progress("layer sensitivity", d, t))
+        except DeployerError:
+            order = []
+    out["sensitivity"] = {r["layer"]: r["sqnr_db"] for r in order if r.get("why") == "sensitivity"}
+    out["sensitivity_method"] = ("model-output SQNR (dB, worst output) with only this layer quantized "
+                                 "(symmetric INT8 Q/DQ simulation)")
+    return out
 
 
 def build_report(plan: QuantPlan, inputs: Inputs, results: dict[str, TargetResult], out: Path,
