@@ -187,10 +187,29 @@ def cmd_targets(args: Sequence[str]) -> int:
     if as_json:
         print(json.dumps(rows, indent=1))
     else:
+        from deployer.terminal import fit
+
         for r in rows:
             state = "available" if r["available"] else f"unavailable: {r['reason']}"
-            print(f"{r['target']:<10} {state}  ({r['description']})")
+            print(fit(f"{r['target']:<10} {state}  ({r['description']})"))
+        print(fit(_examples_state()))
     return 0
+
+
+def _examples_state() -> str:
+    """One line: which built-in examples can run here, and what the others miss."""
+    import importlib.util
+
+    from deployer.examples import EXAMPLE_MODULES, EXAMPLES_INSTALL
+
+    ok, missing = [], []
+    for name, modules in EXAMPLE_MODULES.items():
+        lacks = [m for m in modules if importlib.util.find_spec(m) is None]
+        (missing.append(f"{name} (needs {', '.join(lacks)})") if lacks else ok.append(name))
+    text = f"examples: {', '.join(ok) or 'none'} can run here"
+    if missing:
+        text += f"; not {', '.join(missing)}: {EXAMPLES_INSTALL}"
+    return text
 
 
 def cmd_examples(args: Sequence[str]) -> int:
