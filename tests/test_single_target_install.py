@@ -72,6 +72,7 @@ def test_missing_example_module_is_exit_3_with_the_command(monkeypatch: pytest.M
     from deployer.cli import main
 
     monkeypatch.setitem(ex.EXAMPLE_MODULES, "mnist", ("torch", "no_such_module_for_this_test"))
+    monkeypatch.setenv("COLUMNS", "400")  # one line per row, to match whole phrases
     assert main(["--model", "mnist", "--target", "onnxruntime", "--out", "never-written"]) == 3
     err = capsys.readouterr().err
     assert "no_such_module_for_this_test" in err and "'.[examples]'" in err
