@@ -134,7 +134,7 @@ def layer_plot(le: dict[str, Any], floor_db: float, png: Any) -> str:
     ax.set_yticks(y, [f"{r['node']} ({r['op_type']}, {r['precision']})" for r in shown], fontsize=7)
     ax.invert_yaxis()
     ax.axvline(floor_db, color=RED, lw=1, ls="--", label=f"floor {floor_db:g} dB")
-    lo = min([*cum, *(o for _, o in xs)], default=0.0)
+    lo = min([*cum, *(o for _, o in xs), floor_db])  # the floor line stays in view
     ax.set_xlim(max(0.0, lo - 5), cap + 2)
     ax.set_xlabel("SQNR vs FP32 (dB, higher is better)")
     more = f"; first {len(shown)} of {len(rows)}" if len(rows) > len(shown) else ""
