@@ -425,7 +425,7 @@ def _silenced_stderr(enabled: bool) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deploy`` console script; returns the exit code."""
-    from deployer.terminal import captured_stderr, fit, quiet_libraries
+    from deployer.terminal import captured_stderr, quiet_libraries
 
     args = list(sys.argv[1:] if argv is None else argv)
     quiet_libraries()  # before TensorFlow / LiteRT are imported
@@ -436,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _silenced_stderr(quiet), (contextlib.nullcontext() if quiet else captured_stderr()):
             return _dispatch(args)
     except DeployerError as e:
-        print(fit(f"deploy: error: {e}"), file=sys.stderr)
+        print(f"deploy: error: {e}", file=sys.stderr)  # one line (issue 18), not wrapped: greppable in CI logs
         return e.exit_code
     except KeyboardInterrupt as e:
         print("deploy: interrupted; no output was written", file=sys.stderr)
