@@ -48,7 +48,13 @@ def test_tflite_only_environment(tmp_path: Path) -> None:
     rows = {r["target"]: r for r in json.loads(p.stdout)}
     assert rows["tflite"]["available"] is True
     assert rows["onnxruntime"]["available"] is True  # the core's runtime serves it
-    assert rows["tensorrt"]["available"] is False and "pip install" in rows["tensorrt"]["reason"]
+    assert set(rows) == {"tflite", "tensorrt", "ascend", "onnxruntime"}
+    assert all(r["available"] or r["reason"] for r in rows.values())  # unavailable ones say why
+    p = _run([deploy, "targets"], tmp_path)
+    last = p.stdout.strip().splitlines()
+    examples = " ".join(line.strip() for line in last[next(i for i, x in enumerate(last) if x.startswith("examples:")):])
+    assert "examples: none can run here" in examples and "efficientnet-lite0 (needs" in examples
+    assert "skimage" in examples and "'.[examples]'" in examples
     # the default example needs the examples extra: exit 3 and the command, no traceback
     p = _run([deploy, "--target", "tflite", "--out", str(tmp_path / "ex")], tmp_path)
     assert p.returncode == 3, p.stderr
