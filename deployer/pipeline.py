@@ -853,6 +853,8 @@ def imported_plan(inputs: Inputs) -> QuantPlan:
 
 SENSITIVITY_SAMPLES = 4
 """Held-out samples of the report's one-layer-alone sensitivity pass (when escalation did not compute it)."""
+SENSITIVITY_LAYERS = 12
+"""Layers that pass measures (the MAC layers with the lowest cumulative SQNR): about one model run each."""
 
 
 def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto, shared: Shared | None = None,
@@ -872,10 +874,14 @@ def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto, shared: 
         progress("per-layer error", 1, 1)
         return {"method": "not computed", "error": str(e), "samples": 0, "layers": []}
     order = shared.order if shared is not None and shared.order is not None else None
-    if order is None:
+    if order is None:  # the MAC layers with the lowest cumulative SQNR: is the error their own?
+        from deployer.mixed import MAC_OPS, only_layers
+
+        worst = [r["node"] for r in out["layers"] if r["op_type"] in MAC_OPS][:SENSITIVITY_LAYERS]
         try:
-            order = layer_order(plan, inputs.reference, list(inputs.heldout)[:SENSITIVITY_SAMPLES],
-                                progress=lambda d, t: progress("layer sensitivity", d, t))
+            order = layer_order(only_layers(plan, worst), inputs.reference,
+                                list(inputs.heldout)[:SENSITIVITY_SAMPLES],
+                                progress=lambda d, t: progress("layer sensitivity", d, t)) if worst else []
         except DeployerError:
             order = []
     out["sensitivity"] = {r["layer"]: r["sqnr_db"] for r in order if r.get("why") == "sensitivity"}
