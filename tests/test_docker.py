@@ -172,7 +172,19 @@ def replay_steps(target: str) -> list[list[str]]:
 
 
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
-REPLAYED = [t for t in TARGETS if image_python(t) == LOCAL_PYTHON]
+SINGLE_TARGET_STEPS = {"tflite": [["-c", "constraints.txt", ".[tflite]"]]}
+"""Images whose pip steps tests/test_single_target_install.py already replays (in a fresh venv, then
+``deploy targets`` and a deploy): not built a second time here, to keep CI short."""
+REPLAYED = [t for t in TARGETS if image_python(t) == LOCAL_PYTHON and t not in SINGLE_TARGET_STEPS]
+
+
+def test_single_target_test_replays_the_tflite_image_steps() -> None:
+    from tests.test_single_target_install import PIP_STEPS
+
+    for target, steps in SINGLE_TARGET_STEPS.items():
+        assert image_python(target) == LOCAL_PYTHON
+        assert replay_steps(target) == steps
+        assert all(step in PIP_STEPS for step in steps)
 
 
 @pytest.mark.slow

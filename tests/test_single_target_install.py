@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PY311 = shutil.which("python3.11") or (sys.executable if sys.version_info[:2] == (3, 11) else None)
 
 
+PIP_STEPS = [["-c", "constraints.txt", "torch==2.13.0"], ["-c", "constraints.txt", ".[tflite]"],
+             ["--no-deps", "--ignore-requires-python", "onnx2tf==2.6.9"]]
+"""The README's tflite-only install (torch first, the CPU wheel), also docker/tflite's pip step."""
+
+
 def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(COLUMNS="80", OMP_NUM_THREADS="1")
@@ -38,8 +43,7 @@ def test_tflite_only_environment(tmp_path: Path) -> None:
     assert _run([PY311, "-m", "venv", str(venv)], tmp_path).returncode == 0
     py = str(venv / "bin" / "python")
     pip = [py, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    for step in (["-c", "constraints.txt", "torch==2.13.0"], ["-c", "constraints.txt", ".[tflite]"],
-                 ["--no-deps", "--ignore-requires-python", "onnx2tf==2.6.9"]):
+    for step in PIP_STEPS:
         p = _run([*pip, *step], ROOT)
         assert p.returncode == 0, f"pip install {' '.join(step)}: {p.stderr[-2000:]}"
     deploy = str(venv / "bin" / "deploy")
