@@ -140,7 +140,11 @@ def resolve_targets(spec: str | Sequence[str], backends: dict[str, Backend]) -> 
         return [n for n in ("tflite", "tensorrt", "ascend") if n in backends]
     for p in parts:
         if p not in backends:
-            raise BadInputError(f"unknown target {p!r}; `deploy targets` lists: {', '.join(sorted(backends))}")
+            import difflib
+
+            close = difflib.get_close_matches(p, [*backends, "all"], n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise BadInputError(f"unknown target {p!r}; {hint}`deploy targets` lists: {', '.join(sorted(backends))}")
     return list(dict.fromkeys(parts))
 
 

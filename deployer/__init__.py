@@ -11,13 +11,14 @@ Every user-facing error is a :class:`DeployerError`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 __version__ = "0.1.0"
 
 from deployer.errors import DeployerError  # noqa: E402
+from deployer.results import Fidelity, GateResult, OutputRecord, SpeedRecord, TargetName, Verdict  # noqa: E402
 
 if TYPE_CHECKING:  # the pipeline imports onnx and the backends: loaded only when deploy() runs
     from deployer.pipeline import DeployResult
@@ -28,14 +29,15 @@ BACKEND_OPTIONS = ("soc_version", "tflite_io", "tflite_layout", "tflite_mode", "
 """Every backend option the CLI offers is a keyword of :func:`deploy` too (same names as the flags)."""
 
 
-def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", recipe: str = "int8",
+def deploy(model: Any = None, calibration: Any = None,
+           targets: Literal["all"] | TargetName | str | Sequence[TargetName] = "all", recipe: str = "int8",
            out_dir: str | Path = "deploy-out", observer: str = "minmax", plan: Any = None,
            overwrite: bool = False, calib_samples: int | None = None, heldout_samples: int = 300, seed: int = 0,
            ema_momentum: float = 0.9, no_cache: bool = False, bias_correction: bool = True,
            fidelity_target: float | None = None, search_budget: int = 24, enforce_gates: bool = False,
            eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
            equalize: bool = False, no_smoothquant: bool = False, adaround: float | None = None,
-           min_fidelity: Any = None, heldout: str | Path | None = None,
+           min_fidelity: Any = None, heldout: str | Path | None = None, gates: Mapping[str, float] | None = None,
            progress: Callable[[str, int, int], None] | None = None, **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
@@ -43,7 +45,10 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         model: ``.onnx`` path, ``onnx.ModelProto``, ``torch.nn.Module``, built-in example name or None
             (the default example, EfficientNet-Lite0).
         calibration: folder of ``.npy``/``.npz`` samples, or an iterable of ``dict[input_name, ndarray]``.
-        targets: ``"all"``, ``"tflite,tensorrt"`` or a list of names.
+        targets: ``"all"``, ``"tflite,tensorrt"`` or a list of names (:data:`deployer.results.TargetName`
+            for the built-in ones; a plugin's name through ``typing.cast``). Checked against the
+            installed backends before any work: an unknown name raises ``BadInputError`` with "did you
+            mean".
         recipe: ``int8``, ``mixed``, ``fp16`` or a rules file.
         out_dir: output directory (must not exist unless ``overwrite``).
         observer: ``minmax``, ``ema``, ``percentile``, ``entropy``, ``mse`` or ``auto`` (one per tensor,
@@ -52,7 +57,13 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         calib_samples / heldout_samples / seed / ema_momentum / no_cache: as the CLI flags.
         bias_correction: add empirical bias correction to the plan (default on).
         fidelity_target / search_budget: mixed-precision search (see :mod:`deployer.mixed`).
-        enforce_gates: raise :class:`deployer.errors.GateFailedError` when a release gate fails.
+        enforce_gates: raise :class:`deployer.errors.GateFailedError` when a seed release gate
+            (``speed-per-fidelity``, ``size-vs-recall``) fails.
+        gates: gate thresholds ``{name: value}`` (:mod:`deployer.gates`: ``top1_agreement``,
+            ``cosine_mean``, ``sqnr_db``, ``task_accuracy_relative`` ... pass when metric >= value;
+            ``speed-per-fidelity``: ratio; ``size-vs-recall``: max relative loss). Each one given is enforced:
+            a failure raises :class:`deployer.errors.GateFailedError` after the outputs are written
+            (``e.result``). An unknown name raises ``BadInputError`` before any work.
         eval_dir: labelled evaluation data (``DIR/inputs/`` + ``DIR/labels.npy``).
         metric: callable ``outputs -> {name: value}`` on the held-out outputs (your task metric).
         smoothquant: SmoothQuant alpha for transformer MatMuls (Xiao et al. 2023); None = the recipe's
@@ -77,8 +88,14 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
         DeployerError: bad input (``BadInputError``), unavailable backend (``BackendUnavailableError``).
     """
     from deployer.errors import BadInputError
+    from deployer.gates import parse_gates
     from deployer.pipeline import DeployOptions, run_deploy
     from deployer.shapes import ShapeRange
+
+    gate_thresholds = parse_gates(gates, "gates")
+    from backends.base import discover, resolve_targets
+
+    resolve_targets(targets, discover())  # an unknown target fails here, before any work
 
     unknown = sorted(set(backend_options) - set(BACKEND_OPTIONS))
     if unknown:
@@ -103,7 +120,8 @@ def deploy(model: Any = None, calibration: Any = None, targets: Any = "all", rec
                          fidelity_target=fidelity_target, search_budget=search_budget,
                          enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
                          equalize=equalize, no_smoothquant=no_smoothquant, adaround=adaround,
-                         min_fidelity=min_fidelity, heldout_dir=heldout, backend_options=backend_options)
+                         min_fidelity=min_fidelity, heldout_dir=heldout, backend_options=backend_options,
+                         gates=gate_thresholds)
     import logging
 
     logger = logging.getLogger("deployer")
@@ -132,4 +150,5 @@ def verify_artifact(artifact: str | Path, data: str | Path, reference: str | Pat
     return _verify(artifact, data, reference, out_dir, VerifyOptions(overwrite=overwrite))
 
 
-__all__ = ["deploy", "verify_artifact", "DeployerError", "__version__"]
+__all__ = ["deploy", "verify_artifact", "DeployerError", "__version__", "TargetName", "Fidelity", "OutputRecord",
+           "GateResult", "SpeedRecord", "Verdict"]

@@ -56,7 +56,12 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="mixed-precision search: keep the fewest layers in FP16/float so the primary metric "
                         f"reaches this fraction of FP32 (no value: the default target {DEFAULT_FIDELITY_TARGET})")
     p.add_argument("--search-budget", type=int, default=24, help="evaluations the search may spend (default 24)")
-    p.add_argument("--enforce-gates", action="store_true", help="exit 1 when a release gate fails")
+    p.add_argument("--enforce-gates", action="store_true",
+                   help="exit 1 when a seed release gate (speed-per-fidelity, size-vs-recall) fails")
+    p.add_argument("--gate", action="append", default=[], metavar="NAME=VALUE",
+                   help="gate threshold, repeatable, enforced (exit 1 on fail): top1_agreement, cosine_mean, "
+                        "sqnr_db, task_accuracy(_relative) pass when metric >= VALUE; speed-per-fidelity=RATIO; "
+                        "size-vs-recall=MAX_LOSS")
     p.add_argument("--min-fidelity", default=None, metavar="SPEC",
                    help="fidelity floor every output must reach to ship (default cosine=0.99,sqnr_db=20); below it "
                         "the target is escalated, then marked 'does not ship' (exit 1)")
@@ -143,25 +148,38 @@ def _plan_parser() -> argparse.ArgumentParser:
 
 def _print(msg: str, quiet: bool) -> None:
     if not quiet:
-        print(msg, file=sys.stderr)
+        from deployer.terminal import fit
+
+        print(fit(msg), file=sys.stderr)
 
 
 def _progress(enabled: bool) -> Any:
+    """A ``progress(step, done, total)`` callback drawing one bar per running step on stderr, with the
+    elapsed time (steps without a count report ``0/1`` then ``1/1``: the bar shows the time spent)."""
     if not enabled:
         return lambda *a: None
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"tasks": {}}
 
     def update(task: str, done: int, total: int) -> None:
-        from rich.progress import Progress
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from deployer.terminal import width
 
         if "p" not in state:
-            state["p"] = Progress(transient=True)
+            state["p"] = Progress(TextColumn("{task.description}"), BarColumn(bar_width=None),
+                                  MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+                                  console=Console(file=sys.stderr, width=width()))
             state["p"].start()
-            state["t"] = state["p"].add_task(task, total=total)
-        state["p"].update(state["t"], completed=done)
+        tasks = state["tasks"]
+        if task not in tasks:
+            tasks[task] = state["p"].add_task(task[:40], total=max(total, 1))
+        state["p"].update(tasks[task], completed=done, total=max(total, 1))
         if done >= total:
-            state["p"].stop()
-            state.clear()
+            state["p"].remove_task(tasks.pop(task))
+            if not tasks:
+                state["p"].stop()
+                del state["p"]
 
     return update
 
@@ -185,10 +203,29 @@ def cmd_targets(args: Sequence[str]) -> int:
     if as_json:
         print(json.dumps(rows, indent=1))
     else:
+        from deployer.terminal import fit
+
         for r in rows:
             state = "available" if r["available"] else f"unavailable: {r['reason']}"
-            print(f"{r['target']:<10} {state}  ({r['description']})")
+            print(fit(f"{r['target']:<10} {state}  ({r['description']})"))
+        print(fit(_examples_state()))
     return 0
+
+
+def _examples_state() -> str:
+    """One line: which built-in examples can run here, and what the others miss."""
+    import importlib.util
+
+    from deployer.examples import EXAMPLE_MODULES, EXAMPLES_INSTALL
+
+    ok, missing = [], []
+    for name, modules in EXAMPLE_MODULES.items():
+        lacks = [m for m in modules if importlib.util.find_spec(m) is None]
+        (missing.append(f"{name} (needs {', '.join(lacks)})") if lacks else ok.append(name))
+    text = f"examples: {', '.join(ok) or 'none'} can run here"
+    if missing:
+        text += f"; not {', '.join(missing)}: {EXAMPLES_INSTALL}"
+    return text
 
 
 def cmd_examples(args: Sequence[str]) -> int:
@@ -260,6 +297,7 @@ def cmd_check(argv: Sequence[str]) -> int:
 
 
 def cmd_deploy(argv: Sequence[str]) -> int:
+    from deployer.gates import parse_gates
     from deployer.pipeline import DeployOptions, run_deploy
 
     a = build_parser().parse_args(argv)
@@ -284,7 +322,8 @@ def cmd_deploy(argv: Sequence[str]) -> int:
                          bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
                          adaround=a.adaround,
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
-                         enforce_gates=a.enforce_gates, eval_dir=a.eval_dir, min_fidelity=a.min_fidelity,
+                         enforce_gates=a.enforce_gates, gates=parse_gates(a.gate), eval_dir=a.eval_dir,
+                         min_fidelity=a.min_fidelity,
                          heldout_dir=a.heldout_dir)
     log = (lambda s: None) if (a.quiet or a.json) else (lambda s: _print(s, False))
     from deployer.errors import GateFailedError
@@ -327,6 +366,8 @@ def cmd_deploy(argv: Sequence[str]) -> int:
             print(json.dumps(written, indent=1, sort_keys=True))
         elif written is not None and not a.quiet:
             print(format_table(written))
+        if written is not None:
+            _save_log(getattr(e.result, "out_dir", ""))
         raise
     if a.json:
         print(json.dumps(result.report, indent=1, sort_keys=True))
@@ -335,10 +376,25 @@ def cmd_deploy(argv: Sequence[str]) -> int:
         if a.verbose:
             for row in result.report.get("layers", {}).get("layers", [])[:10]:
                 _print(f"  {row['node']:<40} {row['op_type']:<12} {row['precision']:<5} SQNR {row['sqnr_db']} dB", False)
-        print(f"\nwrote {result.out_dir}/ (plan.json, report.json, report.html, artifacts)")
+        from deployer.terminal import fit
+
+        print(fit(f"\nwrote {result.out_dir}/ (plan.json, report.json, report.html, log.txt, artifacts)"))
+    _save_log(result.out_dir)
     from deployer.commands import exit_code_for_report
 
     return exit_code_for_report(result.report)
+
+
+def _save_log(out_dir: Any) -> None:
+    """Third-party output captured during the run (:func:`deployer.terminal.captured_stderr`) as
+    ``<out>/log.txt``."""
+    from pathlib import Path
+
+    from deployer.terminal import captured_log
+
+    text = captured_log()
+    if text and Path(out_dir).is_dir():
+        (Path(out_dir) / "log.txt").write_text(text, encoding="utf-8")
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -405,13 +461,16 @@ def _silenced_stderr(enabled: bool) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deploy`` console script; returns the exit code."""
+    from deployer.terminal import captured_stderr, quiet_libraries
+
     args = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    quiet_libraries()  # before TensorFlow / LiteRT are imported
     original_error = argparse.ArgumentParser.error
     argparse.ArgumentParser.error = _usage_error  # type: ignore[method-assign,assignment]
     previous_term = _on_sigterm_interrupt()
     try:
-        with _silenced_stderr("--quiet" in args):
+        quiet = "--quiet" in args
+        with _silenced_stderr(quiet), (contextlib.nullcontext() if quiet else captured_stderr()):
             return _dispatch(args)
     except DeployerError as e:
         print(f"deploy: error: {_one_line(str(e))}", file=sys.stderr)

@@ -18,17 +18,18 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from backends.base import Artifact, Backend, LoweringContext
 from deployer.errors import DeployerError
-from deployer.gates import evaluate_gates, speed_warning
+from deployer.gates import NOT_EVALUATED, GateConfig, evaluate_gates, speed_warning
 from deployer.escalate import SAFETY_DB
 from deployer.judge import FidelityFloor, below_floor, floor_margin
 from deployer.plan import Precision, QuantPlan
 from deployer.qdq import for_policy
+from deployer.results import Fidelity, GateResult, SpeedRecord, Verdict
 from deployer.verify import fidelity
 
 if TYPE_CHECKING:
@@ -47,10 +48,25 @@ class TargetResult:
     target: str
     artifact: str
     size_bytes: dict[str, int | None]
-    fidelity: dict[str, Any]
+    fidelity: Fidelity
     verified_by: str
     notes: list[str]
     extra: dict[str, Any]
+
+    @property
+    def verdict(self) -> Verdict:
+        """Whether this target ships, and why (``{"ships": bool, "reason": str}``)."""
+        return cast(Verdict, self.extra.get("verdict") or {"ships": False, "reason": "not judged"})
+
+    @property
+    def gates(self) -> dict[str, GateResult]:
+        """``gates.<name>`` of the report (:mod:`deployer.gates`)."""
+        return cast("dict[str, GateResult]", self.extra.get("gates") or {})
+
+    @property
+    def speed(self) -> SpeedRecord | None:
+        """The speed record where this target was timed here, else None."""
+        return cast("SpeedRecord | None", self.extra.get("speed"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "artifact": self.artifact, "size_bytes": self.size_bytes,
@@ -62,6 +78,12 @@ class Shared:
     """What every target of one run shares: the escalation order is computed once, on first need."""
 
     order: list[dict[str, Any]] | None = None
+    kept: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
+    """Each target's first output on the first :data:`KEPT_SAMPLES` held-out samples (float32, flattened),
+    for the report's parity table (targets against each other on the same samples)."""
+
+
+KEPT_SAMPLES = 64
 
 
 def target_plan(backend: Backend, plan: QuantPlan, reference: Any, options: dict[str, Any]) -> QuantPlan:
@@ -97,7 +119,7 @@ def input_shapes(inputs: Inputs) -> dict[str, tuple[int, ...]]:
 
 
 def lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[np.ndarray]], out_names: list[str],
-                     inputs: Inputs, tmp: Path) -> TargetResult:
+                     inputs: Inputs, tmp: Path, kept: dict[str, list[np.ndarray]] | None = None) -> TargetResult:
     """Lower ``ctx.plan`` with ``backend``, run the artifact on the held-out samples and judge every output."""
     art: Artifact = backend.lower(ctx)
     fid: dict[str, Any] = {}
@@ -117,11 +139,14 @@ def lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[
         extra["speed"] = art.throughput(inputs.heldout)
         extra.update(aliases(extra["speed"]))
     if outputs is not None:
+        if kept is not None:
+            kept[backend.name] = [np.asarray(o[0], dtype=np.float32).ravel() for o in outputs[:KEPT_SAMPLES]]
         fid.update(task_metrics(inputs, ref_out, outputs))
         if inputs.labels is not None:
             extra["labelled"] = {"fp32": labelled_metrics(ref_out, inputs.labels),
                                  "artifact": labelled_metrics(outputs, inputs.labels)}
-    return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, fid, art.verified_by, art.notes, extra)
+    return TargetResult(backend.name, str(art.path.relative_to(tmp)), size, cast(Fidelity, fid), art.verified_by,
+                        art.notes, extra)
 
 
 _FP32_TASK: dict[int, dict[str, float]] = {}
@@ -249,6 +274,23 @@ def _model_of(score: Any) -> Any:
     return score.reference_model
 
 
+def mark_foreign_cpu(res: TargetResult, built_for: str | None, machine: str | None = None) -> None:
+    """Mark ``res``'s speed records ``same_cpu: false`` when the artifact was built for another CPU
+    architecture (a backend's ``artifact_cpu``, e.g. ``"arm"`` for TFLite) than this machine's: speed is
+    judged only on the CPU an artifact was built for (:mod:`deployer.gates`)."""
+    import platform
+
+    if not built_for:
+        return
+    here = (machine or platform.machine()).lower()
+    arm = here.startswith(("arm", "aarch64"))
+    same = arm if built_for == "arm" else here == built_for.lower()
+    for key in ("speed", "latency_ms", "throughput_qps"):
+        rec = res.extra.get(key)
+        if isinstance(rec, dict) and not same:
+            rec.update(same_cpu=False, built_for=built_for, measured_on=here)
+
+
 def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptions, tmp: Path,
             ref_out: list[list[np.ndarray]], out_names: list[str], floor: FidelityFloor, escalate_ok: bool,
             shared: Shared, progress: Progress, log: Callable[[str], None]) -> TargetResult:
@@ -274,7 +316,7 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
                 notes.append(f"fidelity target {opts.fidelity_target}: {len(searched['kept_high_precision'])} layer(s) "
                              f"kept in {searched['precision']} for this target; its plan is {backend.name}/plan.json")
         res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out, out_names,
-                               inputs, tmp)
+                               inputs, tmp, shared.kept)
         misses = below_floor(res.fidelity, floor) if res.fidelity else []
         section: dict[str, Any] = {"floor": floor.to_dict(), "escalated": False}
         if misses and escalate_ok:
@@ -294,7 +336,7 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
                 shutil.rmtree(tmp / backend.name, ignore_errors=True)
                 plan, options = new_plan, new_options
                 res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out,
-                                       out_names, inputs, tmp)
+                                       out_names, inputs, tmp, shared.kept)
                 misses = below_floor(res.fidelity, floor) if res.fidelity else []
                 if not misses:
                     break
@@ -317,10 +359,12 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
     section["misses"] = misses
     section["passed"] = not misses
     res.extra["fidelity_floor"] = section
-    gates = evaluate_gates({"fidelity": res.fidelity, "size_bytes": res.size_bytes, **res.extra})
+    mark_foreign_cpu(res, getattr(backend, "artifact_cpu", None))
+    gates = evaluate_gates({"fidelity": res.fidelity, "size_bytes": res.size_bytes, **res.extra},
+                           GateConfig(dict(opts.gates or {})))
     gates[FLOOR_GATE] = ({"status": "fail", "enforced": True, "misses": misses} if misses else
                          {"status": "pass", "enforced": True} if res.fidelity else
-                         {"status": "not applicable", "enforced": True, "reason": "artifact not run here"})
+                         {"status": NOT_EVALUATED, "enforced": True, "reason": "artifact not run here"})
     res.extra["gates"] = gates
     warning = speed_warning({"fidelity": res.fidelity, "size_bytes": res.size_bytes, **res.extra})
     if warning:

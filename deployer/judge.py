@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -244,7 +244,7 @@ def judge(ref_outputs: list[list[np.ndarray]], outputs: list[list[np.ndarray]], 
     return res
 
 
-def below_floor(fid: dict[str, Any], floor: FidelityFloor) -> list[str]:
+def below_floor(fid: Mapping[str, Any], floor: FidelityFloor) -> list[str]:
     """Outputs that miss the floor, as ``"name: cosine 0.93 < 0.99"`` lines (empty = the floor holds)."""
     misses = []
     for name, rec in (fid.get("outputs") or {}).items():
@@ -258,11 +258,11 @@ def below_floor(fid: dict[str, Any], floor: FidelityFloor) -> list[str]:
     return misses
 
 
-def _top1_judged(rec: dict[str, Any]) -> bool:
+def _top1_judged(rec: Mapping[str, Any]) -> bool:
     return "top1_agreement" in rec and rec["samples"] >= MIN_SAMPLES
 
 
-def floor_margin(fid: dict[str, Any], floor: FidelityFloor) -> float:
+def floor_margin(fid: Mapping[str, Any], floor: FidelityFloor) -> float:
     """How far the worst output is above the floor, in dB (>= 0: the floor holds).
 
     The cosine and top-1 criteria are expressed in dB too: ``10 log10((1 - floor) / (1 - value))``.

@@ -99,6 +99,7 @@ def layer_errors(reference: onnx.ModelProto, plan: QuantPlan | None, samples: Se
         qdq_model, _ = lower_qdq(lower_from if lower_from is not None else reference, plan, NEUTRAL_POLICY)
     qdq_tensors = {o for n in qdq_model.graph.node for o in n.output}
     picked: list[tuple[onnx.NodeProto, str]] = []
+    position = {n.name: i for i, n in enumerate(reference.graph.node)}
     for node in reference.graph.node:
         if not node.output or (node.op_type not in MEASURED_WITHOUT_PLAN if plan is None
                                else plan.precision_of(node.name) == Precision.FP32):
@@ -119,7 +120,7 @@ def layer_errors(reference: onnx.ModelProto, plan: QuantPlan | None, samples: Se
         s = sqnr_db(r, q)
         rel = float(np.linalg.norm(r - q) / max(float(np.linalg.norm(r)), 1e-30))
         prec = plan.precision_of(node.name).value if plan is not None else "unknown"
-        rows.append({"node": node.name, "op_type": node.op_type, "precision": prec,
+        rows.append({"node": node.name, "op_type": node.op_type, "precision": prec, "index": position[node.name],
                      "tensor": t, "input": node.input[0] if node.input else "", "sqnr_db": round(s, 3) if math.isfinite(s) else None,
                      "rel_error": round(rel, 6)})
     rows.sort(key=lambda row: (math.inf if row["sqnr_db"] is None else row["sqnr_db"]))

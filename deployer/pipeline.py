@@ -14,7 +14,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,12 @@ from calibration.observers import (DEFAULT_EMA_MOMENTUM, HISTOGRAM_OBSERVERS, OB
                                    reduce_range)
 from deployer import __version__
 from deployer.errors import BackendUnavailableError, BadInputError, DeployerError, GateFailedError, UnsupportedModelError
-from deployer.gates import failed
+from deployer.gates import failed_enforced, gate_verdict, parse_gates
 from deployer.examples import DEFAULT_EXAMPLE, EXAMPLES, ExampleData, get_example
 from deployer.model_io import canonicalize, check_runnable, export_torch, input_specs, load_onnx, model_sha256
 from deployer.output_dir import atomic_output, check_output_dir, check_plan_output, write_manifest
 from deployer.plan import QuantPlan, TensorRange, validate_against_model
-from deployer.recipe import decide, load_recovery, load_rules
+from deployer.recipe import decide, load_gates, load_recovery, load_rules
 from deployer.deliver import (FLOOR_GATE, Shared, TargetResult, deliver, failed_target,  # noqa: F401
                               labelled_metrics, target_plan)
 from deployer.judge import FidelityFloor
@@ -73,7 +73,10 @@ class DeployOptions:
         fidelity_target: run the mixed-precision search (:mod:`deployer.mixed`) for this fraction of
             FP32's primary metric (e.g. 0.99); None = no search.
         search_budget: evaluations the search may spend after its sensitivity pass.
-        enforce_gates: a failed release gate raises :class:`GateFailedError` (exit 1) after writing.
+        enforce_gates: a failed seed release gate (``speed-per-fidelity``, ``size-vs-recall``) raises
+            :class:`GateFailedError` (exit 1) after writing.
+        gates: gate thresholds ``{name: value}`` (:mod:`deployer.gates`), over a recipe file's ``gates``;
+            each one given is enforced (a failure raises :class:`GateFailedError` after writing).
         eval_dir: labelled held-out data (``DIR/inputs/`` samples + ``DIR/labels.npy``) replacing
             the held-out set; enables labelled metrics (accuracy, macro recall) and the recall gate.
         metric: user task metric: per-sample outputs of the held-out set -> ``{name: value}``;
@@ -107,6 +110,7 @@ class DeployOptions:
     fidelity_target: float | None = None
     search_budget: int = 24
     enforce_gates: bool = False
+    gates: Mapping[str, float] | None = None
     eval_dir: str | Path | None = None
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
     min_fidelity: FidelityFloor | str | float | dict[str, float] | None = None
@@ -516,7 +520,8 @@ def preflight(opts: DeployOptions, targets: Sequence[str] | None = None, with_pl
     """
     opts = _checked_recovery(opts)
     _check_values(opts)
-    opts = dataclasses.replace(opts, min_fidelity=FidelityFloor.parse(opts.min_fidelity))
+    opts = dataclasses.replace(opts, min_fidelity=FidelityFloor.parse(opts.min_fidelity),
+                               gates={**load_gates(opts.recipe), **parse_gates(opts.gates, "gates")})
     if opts.heldout_dir is not None and opts.eval_dir is not None:
         raise BadInputError("--heldout and --eval both replace the held-out set: give --eval DIR for labelled "
                             "data or --heldout DIR for unlabelled samples, not both")
@@ -684,7 +689,9 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         stats = None
     else:
         stats = compute_statistics(inputs, opts, progress)
+        progress("plan (recovery, AdaRound)", 0, 1)  # AdaRound alone may run its budget (up to 600 s)
         the_plan = make_plan(inputs, stats, opts)
+        progress("plan (recovery, AdaRound)", 1, 1)
         ada = the_plan.recipe.get("adaround")
         if isinstance(ada, dict) and ada.get("warning"):
             plan_warning = str(ada["warning"])
@@ -713,10 +720,12 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         for t in targets:
             log(f"lowering to {t} ...")
             tplan = target_plan(backends[t], the_plan, inputs.reference, opts.backend_options)
+            progress(f"lowering {t}", 0, 1)  # one opaque step: the bar shows its elapsed time
             try:
                 results[t] = deliver(backends[t], the_plan, inputs, opts, tmp, ref_out, out_names, floor,
                                      escalate_ok=loaded_plan is None, shared=shared, progress=progress, log=log)
             except DeployerError as e:  # this target cannot deliver; the others still do
+                progress(f"lowering {t}", 1, 1)
                 errors[t] = e
                 shutil.rmtree(tmp / t, ignore_errors=True)
                 log(f"{t}: failed (exit {e.exit_code}): {' '.join(str(e).split())[:200]}")
@@ -726,9 +735,11 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
                 results[t].notes.append(inputs.upcast.note())
             if results[t].extra.get("speed_warning"):
                 log(f"warning: {t}: {results[t].extra['speed_warning']}")
+            progress(f"lowering {t}", 1, 1)
             for name, gate in results[t].extra.get("gates", {}).items():
-                if name != FLOOR_GATE:  # reported always; exit 1 only when enforced (the floor always is)
-                    gate["enforced"] = bool(opts.enforce_gates)
+                if name != FLOOR_GATE:  # reported always; exit 1 only when enforced: the floor always,
+                    gate["enforced"] = bool(gate.get("enforced") or opts.enforce_gates)  # a user-set one too
+            gate_verdict(results[t])
             fixed = (results[t].extra.get("input_shapes") or {}).get("mode") == "fixed"
             if t in ("tflite", "onnxruntime") and _has_symbolic_dims(inputs.reference) and not fixed:
                 seen = the_plan.calibration.get("input_shapes") or {}
@@ -751,19 +762,22 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
         if len(errors) == len(results):  # nothing delivered: the worst error, and no output is written
             raise max(errors.values(), key=lambda e: e.exit_code)
         report = build_report(the_plan, inputs, results, tmp, time.perf_counter() - t0)
+        from deployer.parity import parity
+
+        report["parity"] = parity([r[0] for r in ref_out[:64]], shared.kept, out_names[0] if out_names else "")
         if plan_warning:
             report["warnings"] = [plan_warning]
         log("per-layer error and report.html ...")
-        report["layers"] = _layers(inputs, the_plan, prepared)
+        report["layers"] = _layers(inputs, the_plan, prepared, shared, progress)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         from deployer.report_html import write_html
 
         write_html(report, tmp)
     result = DeployResult(out_dir, out_dir / "plan.json", out_dir / "report.json", results, report)
-    failing = {t: [g for g in failed(r.extra.get("gates", {})) if g != FLOOR_GATE]
+    failing = {t: [g for g in failed_enforced(r.extra.get("gates", {})) if g != FLOOR_GATE]
                for t, r in results.items()}
     failing = {t: g for t, g in failing.items() if g}
-    if opts.enforce_gates and failing:
+    if failing:
         raise GateFailedError(f"release gate(s) failed: {failing}; see {result.report_path} (outputs were written)",
                               result=result)
     return result
@@ -815,14 +829,43 @@ def imported_plan(inputs: Inputs) -> QuantPlan:
     )
 
 
-def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto) -> dict[str, Any]:
-    """The report's ``layers``: per-layer SQNR on a few held-out samples (:mod:`deployer.layer_error`)."""
+SENSITIVITY_SAMPLES = 4
+"""Held-out samples of the report's one-layer-alone sensitivity pass (when escalation did not compute it)."""
+SENSITIVITY_LAYERS = 12
+"""Layers that pass measures (the MAC layers with the lowest cumulative SQNR): about one model run each."""
+
+
+def _layers(inputs: Inputs, plan: QuantPlan, prepared: onnx.ModelProto, shared: Shared | None = None,
+            progress: Progress = _noop) -> dict[str, Any]:
+    """The report's ``layers``: per-layer SQNR on a few held-out samples (:mod:`deployer.layer_error`),
+    plus ``sensitivity``: each MAC layer's own sensitivity, the model-output SQNR (dB) with only that
+    layer quantized (AIMET-style; :func:`deployer.escalate.layer_order`, reused from escalation when it
+    ran)."""
+    from deployer.escalate import layer_order
     from deployer.layer_error import layer_errors
 
     try:
-        return layer_errors(inputs.reference, plan, inputs.heldout, lower_from=prepared)
+        progress("per-layer error", 0, 1)
+        out = layer_errors(inputs.reference, plan, inputs.heldout, lower_from=prepared)
+        progress("per-layer error", 1, 1)
     except DeployerError as e:
+        progress("per-layer error", 1, 1)
         return {"method": "not computed", "error": str(e), "samples": 0, "layers": []}
+    order = shared.order if shared is not None and shared.order is not None else None
+    if order is None:  # the MAC layers with the lowest cumulative SQNR: is the error their own?
+        from deployer.mixed import MAC_OPS, only_layers
+
+        worst = [r["node"] for r in out["layers"] if r["op_type"] in MAC_OPS][:SENSITIVITY_LAYERS]
+        try:
+            order = layer_order(only_layers(plan, worst), inputs.reference,
+                                list(inputs.heldout)[:SENSITIVITY_SAMPLES],
+                                progress=lambda d, t: progress("layer sensitivity", d, t)) if worst else []
+        except DeployerError:
+            order = []
+    out["sensitivity"] = {r["layer"]: r["sqnr_db"] for r in order if r.get("why") == "sensitivity"}
+    out["sensitivity_method"] = ("model-output SQNR (dB, worst output) with only this layer quantized "
+                                 "(symmetric INT8 Q/DQ simulation)")
+    return out
 
 
 def build_report(plan: QuantPlan, inputs: Inputs, results: dict[str, TargetResult], out: Path,

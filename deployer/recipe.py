@@ -225,10 +225,13 @@ def _recipe_file(recipe: str) -> tuple[Path, dict[str, Any]]:
         raise BadInputError(f"recipe file {p} cannot be parsed ({e}); write JSON or YAML") from None
     if not isinstance(data, dict) or not isinstance(data.get("rules", []), list):
         raise BadInputError(f"recipe file {p} must hold {{'base': preset, 'rules': [...]}}")
-    extra = set(data) - {"base", "rules", "recovery"}
+    extra = set(data) - {"base", "rules", "recovery", "gates"}
     if extra:
         raise BadInputError(f"recipe file {p}: unknown top-level key(s) {sorted(extra)}; a recipe holds only "
-                            f"'base', 'rules' and 'recovery'")
+                            f"'base', 'rules', 'recovery' and 'gates'")
+    if not isinstance(data.get("gates", {}), dict):
+        raise BadInputError(f"recipe file {p}: 'gates' must be an object {{name: threshold}}, e.g. "
+                            f"{{\"cosine_mean\": 0.99}}")
     if data.get("base", "int8") not in PRESETS:
         raise BadInputError(f"recipe file {p}: base {data.get('base')!r} is not one of {', '.join(PRESETS)}")
     return p, data
@@ -260,6 +263,20 @@ def load_recovery(recipe: str) -> Recovery:
         Rule.from_dict(r)  # a malformed rule is refused here too, as by load_rules
     base = PRESET_RECOVERY.get(data.get("base", "int8"), Recovery())
     return Recovery.from_dict(data["recovery"], base, f"recipe file {p}") if "recovery" in data else base
+
+
+def load_gates(recipe: str) -> dict[str, float]:
+    """The gate thresholds of a recipe file's ``gates`` object (:mod:`deployer.gates`); none for a preset.
+
+    Raises:
+        BadInputError: as :func:`load_rules`, or an unknown gate / non-numeric threshold.
+    """
+    if recipe in PRESETS:
+        return {}
+    from deployer.gates import parse_gates
+
+    p, data = _recipe_file(recipe)
+    return parse_gates(data.get("gates") or {}, f"recipe file {p}: gate")
 
 
 def decide(model: onnx.ModelProto, rules: list[Rule], weight_granularity: Granularity = Granularity.PER_CHANNEL) -> dict[str, NodeDecision]:

@@ -115,9 +115,9 @@ def format_latency(t: dict[str, Any]) -> str:
         return text
     tp = t.get("throughput_qps")
     if isinstance(tp, dict) and isinstance(tp.get("artifact"), (int, float)):
-        text = f"{tp['artifact']:.1f} samples/s"
+        text = f"{tp['artifact']:.1f} q/s"
         if isinstance(tp.get("fp32"), (int, float)):
-            text += f" vs FP32 {tp['fp32']:.1f} ({tp.get('speedup', 0):.2f}x)"
+            text += f" vs FP32 {tp['fp32']:.1f} q/s ({tp.get('speedup', 0):.2f}x)"
         setting = tp.get("setting") or {}
         if setting:
             text += f", batch {setting.get('batch')}, {setting.get('threads')} threads"
@@ -127,8 +127,8 @@ def format_latency(t: dict[str, Any]) -> str:
         if isinstance(v, (int, float)):
             return f"{v:.2f} ms"
         if isinstance(v, dict):
-            return ", ".join(f"{k} {x:.2f}" if isinstance(x, float) else f"{k} {x}" for k, x in v.items()
-                             if not isinstance(x, (dict, list)))
+            return ", ".join(f"{k} {x:.2f} ms" if isinstance(x, (int, float)) and not isinstance(x, bool)
+                             else f"{k} {x}" for k, x in v.items() if not isinstance(x, (dict, list)))
         if v is not None:
             return str(v)
     return "not measured"
@@ -165,12 +165,20 @@ def _fidelity_plot(report: dict[str, Any]) -> str:
                 break
     if not names:
         return ""
+    from deployer.report_views import fidelity_threshold
+
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(names)))
     bars = ax.barh(names, vals, color="#0969da")
-    ax.bar_label(bars, fmt="%.1f%%", padding=3)
-    ax.set_xlim(0, 105)
+    ax.bar_label(bars, fmt="%.2f%%", padding=3)
+    threshold = fidelity_threshold(report, label)
+    marks = vals + ([100.0 * threshold] if threshold is not None else [])
+    lo = min(marks)
+    ax.set_xlim(max(0.0, lo - max(1.0, 0.25 * (100.0 - lo))), 100.0 + max(0.5, 0.15 * (100.0 - lo)))
+    if threshold is not None:  # scaled to the data: 94% and 96% look different; the gate / floor drawn
+        ax.axvline(100.0 * threshold, color="#cf222e", lw=1.2, ls="--", label=f"threshold {100 * threshold:g}%")
+        ax.legend(loc="lower left", fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{label} vs FP32 (%)")
+    ax.set_xlabel(f"{label} vs FP32 (%, axis scaled to the data)")
     ax.set_title("Fidelity per target (held-out samples)")
     return _img(_png(fig), "fidelity per target")
 
@@ -298,8 +306,12 @@ def render(report: dict[str, Any], out_dir: str | Path) -> str:
     le = report.get("layers") or {}
     layers: list[dict[str, Any]] = list(le.get("layers", [])) if isinstance(le, dict) else []
     title = f"deployer report: {report.get('model', {}).get('source', '')}"
-    layer_note = (f"<p class=\"muted\">{_e(le.get('method', ''))}; {le.get('samples', 0)} held-out samples. "
-                  f"The error at a layer includes what earlier layers propagate into it.</p>") if layers else \
+    from deployer.report_views import floor_db, gate_table, layer_plot, parity_table, verdict_banners
+
+    layer_note = (f"<p class=\"muted\">Cumulative: {_e(le.get('method', ''))}; {le.get('samples', 0)} held-out "
+                  f"samples; the error at a layer includes what earlier layers propagate into it. Own "
+                  f"sensitivity: {_e(le.get('sensitivity_method', 'not computed'))}. Red: the layer alone breaks "
+                  f"the floor; amber: cumulative error below the floor. Shape-only ops are hidden.</p>") if layers else \
         '<p class="muted">Per-layer error was not computed for this output.</p>'
     parts = [
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
@@ -309,8 +321,12 @@ def render(report: dict[str, Any], out_dir: str | Path) -> str:
         f"<p>Recipe <b>{_e(report.get('recipe'))}</b>, task {_e(report.get('data', {}).get('task'))}, "
         f"{_e(report.get('data', {}).get('heldout_samples'))} held-out samples. Machine-readable: "
         f"<code>report.json</code>; plan: <code>{_e(report.get('plan'))}</code>.</p>",
+        "<h2>Verdict per target</h2>", verdict_banners(report),
+        "<h2>Gates</h2>", gate_table(report),
         "<h2>Summary per target</h2>", _summary(report), _fidelity_plot(report),
-        "<h2>Per-layer error (worst first)</h2>", layer_note, _layer_plot(layers),
+        "<h2>Parity: targets against FP32 and each other</h2>", parity_table(report),
+        "<h2>Per-layer error (graph order)</h2>", layer_note, layer_plot(le, floor_db(report), _png)
+        if isinstance(le, dict) else "",
         "<h2>Activation histograms of the most sensitive layers</h2>",
         "<p class=\"muted\">Calibration histogram of each layer's quantized input; dashed lines: the plan's range "
         "(values outside are clipped).</p>", _hist_plots(layers, out / "statistics.json", plan),

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import onnx
 
@@ -28,6 +28,7 @@ from deployer.model_io import input_specs, load_onnx, model_sha256
 from deployer.output_dir import check_output_dir
 from deployer.pipeline import DeployResult, TargetResult, atomic_output, provenance
 from deployer.plan import QuantPlan
+from deployer.results import Fidelity
 from deployer.verify import fidelity
 
 COMPILED_FORMATS = {".engine": "a TensorRT engine (needs TensorRT and an NVIDIA GPU)",
@@ -145,7 +146,7 @@ def verify_artifact(artifact: str | Path, data: str | Path, reference: str | Pat
     fp32_size = ref_path.stat().st_size
     size: dict[str, Any] = {"fp32": fp32_size, "artifact": art.stat().st_size,
                             "ratio": round(art.stat().st_size / fp32_size, 4)}
-    result = TargetResult(name, art.name, size, fid, verified_by,
+    result = TargetResult(name, art.name, size, cast(Fidelity, fid), verified_by,
                           [f"re-verified {art} against {ref_path} on {len(samples)} samples of {data}"], {})
     layers: dict[str, Any] = {"method": "not computed (not an ONNX artifact)", "samples": 0, "layers": []}
     if art.suffix.lower() == ".onnx":

@@ -116,7 +116,9 @@ say "$TORCH_PIN (CPU)"
 
 # -- 4. deployer + extras --------------------------------------------------------------------------
 say "deployer[$EXTRAS] (editable, constrained)"
-"${PIP[@]}" install -q -c constraints.txt -e ".[$EXTRAS]"
+# compat mode: a plain path in a .pth file, so that mypy (and other static tools) see the package and its
+# py.typed in a user's pipeline script; the default import-hook mode hides it from them.
+"${PIP[@]}" install -q -c constraints.txt -e ".[$EXTRAS]" --config-settings editable_mode=compat
 
 # -- 5. --no-deps packages -------------------------------------------------------------------------
 say "${NO_DEPS[*]} (--no-deps)"

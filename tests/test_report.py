@@ -97,7 +97,7 @@ def test_html_is_self_contained_with_plots(tiny: tuple[Path, dict]) -> None:
     assert "<script" not in text
     imgs = re.findall(r'<img src="data:image/png;base64,([^"]+)" alt="([^"]+)"', text)
     alts = [a for _, a in imgs]
-    assert "per-layer SQNR" in alts and "fidelity per target" in alts
+    assert "per-layer SQNR in graph order" in alts and "fidelity per target" in alts
     assert any(a.startswith("histogram of ") for a in alts)
     for b64, _ in imgs:
         assert base64.b64decode(b64)[:8] == b"\x89PNG\r\n\x1a\n"
@@ -122,8 +122,8 @@ def test_gates_column_shows_report_gates(tmp_path: Path, tiny: tuple[Path, dict]
     from deployer.report_html import format_gates
 
     named = {"speed-per-fidelity": {"status": "fail", "enforced": False, "fidelity_loss_points": 4.3},
-             "size-vs-recall": {"status": "not applicable", "reason": "no labels", "enforced": False}}
-    assert format_gates(named) == "speed-per-fidelity: fail (not enforced); size-vs-recall: not applicable (no labels)"
+             "size-vs-recall": {"status": "not evaluated", "reason": "no labels", "enforced": False}}
+    assert format_gates(named) == "speed-per-fidelity: fail (not enforced); size-vs-recall: not evaluated (no labels)"
 
 
 # -- headless Chromium ------------------------------------------------------------------------------
@@ -152,6 +152,41 @@ def test_console_check_catches_errors(tmp_path: Path) -> None:
     bad.write_text("<html><body><p>" + "x " * 2000 + "</p><script>console.error('boom');nope();</script></body></html>")
     msgs = render_in_chromium(bad, tmp_path / "bad.png", tmp_path / "profile")
     assert any("boom" in m for m in msgs) and any("Uncaught" in m for m in msgs), msgs
+
+
+def test_report_answers_ship_or_not_first(tiny: tuple[Path, dict]) -> None:
+    """Verdict banners before anything else, gate results as a table, parity of every pair, units."""
+    out, report = tiny
+    text = (out / "report.html").read_text()
+    first = text.index('<div class="verdict')
+    assert first < text.index("Summary per target") and first < text.index("<img")
+    for name, t in report["targets"].items():
+        word = "ships" if t["verdict"]["ships"] else "does not ship"
+        assert f"{name}: {word}</b>" in text and html.escape(t["verdict"]["reason"]) in text
+    assert '<table class="gates">' in text and "fidelity-floor" in text and "not evaluated" in text
+    assert "not applicable" not in text
+    pairs = {(p["a"], p["b"]) for p in report["parity"]["pairs"]}
+    assert pairs == {("fp32", "tensorrt"), ("fp32", "ascend"), ("tensorrt", "ascend")}
+    for p in report["parity"]["pairs"]:
+        assert 0.9 < p["cosine"] <= 1.0 and (p["sqnr_db"] is None or p["sqnr_db"] > 10)
+        assert f"{p['cosine']:.5f}" in text
+    assert report["parity"]["samples"] == report["targets"]["tensorrt"]["fidelity"]["samples"]
+    assert " dB" in text and " MB" in text
+
+
+def test_layer_view_graph_order_own_sensitivity_no_shape_ops(tiny: tuple[Path, dict]) -> None:
+    from deployer.report_views import SHAPE_OPS, layer_rows
+
+    _, report = tiny
+    le = report["layers"]
+    rows = layer_rows(le["layers"])
+    assert [r["node"] for r in rows] == [n for n in ("conv1", "relu1", "conv2", "add", "gap", "fc")
+                                          if n in {r["node"] for r in rows}]  # graph order
+    assert not any(r["op_type"] in SHAPE_OPS for r in rows)
+    assert any(r["op_type"] == "Flatten" for r in le["layers"]) or "flatten" not in {r["node"] for r in le["layers"]}
+    sens = le["sensitivity"]
+    assert set(sens) >= {"conv1", "conv2", "fc"}  # each MAC layer alone quantized
+    assert all(v is None or v > 10 for v in sens.values())
 
 
 @needs_chromium

