@@ -282,18 +282,19 @@ def test_length_buckets_trim_padding() -> None:
 def test_speed_gate_reads_speed_ratio_and_warns_when_int8_is_slower() -> None:
     speed = {"batch": 1, "threads": 1, "fp32_qps": 100.0, "artifact_qps": 60.0, "ratio": 0.6,
              "cpu_flags": {"isa": "avx2"}, "same_cpu": True, "int8": True}
-    entry = {"fidelity": {"top1_agreement": 0.99}, "speed": speed, "latency_ms": {"fp32": 1.0, "artifact": 1.0}}
+    entry = {"fidelity": {"top1_agreement": 0.99, "task_accuracy_relative": 0.99}, "speed": speed,
+             "latency_ms": {"fp32": 1.0, "artifact": 1.0}}
     assert speed_ratio(entry) == 0.6  # the speed record wins over an older latency field
     g = evaluate_gates(entry)["speed-per-fidelity"]
     assert g["status"] == "fail" and g["speedup"] == 0.6 and g["required_speedup"] == 2.0
     assert "slower than FP32" in (speed_warning(entry) or "") and "0.60x" in (speed_warning(entry) or "")
     assert speed_warning({**entry, "speed": {**speed, "ratio": 1.4}}) is None
     other = {**entry, "speed": {**speed, "same_cpu": False}}  # built for another CPU (--cpu)
-    assert speed_warning(other) is None and evaluate_gates(other)["speed-per-fidelity"]["status"] == "not applicable"
+    assert speed_warning(other) is None and evaluate_gates(other)["speed-per-fidelity"]["status"] == "not evaluated"
     assert speed_warning({**entry, "speed": {**speed, "int8": False}}) is None
     tflite = {"fidelity": {"top1_agreement": 1.0}, "latency_ms": {"fp32": 2.0, "artifact": 4.0}}
     assert speed_ratio(tflite) == 0.5 and speed_warning(tflite)  # targets with latency_ms only still count
-    assert evaluate_gates({"fidelity": {"top1_agreement": 1.0}})["speed-per-fidelity"]["status"] == "not applicable"
+    assert evaluate_gates({"fidelity": {"top1_agreement": 1.0}})["speed-per-fidelity"]["status"] == "not evaluated"
 
 
 def test_report_html_shows_the_speed_warning_in_red(tmp_path: Path) -> None:
