@@ -21,7 +21,7 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.deployer-install"
 APT_PACKAGES=(fortune-mod fortunes chromium)
 TORCH_PIN="torch==2.13.0"
-EXTRAS="tflite,tensorrt,ascend,onnxruntime,examples,test"
+EXTRAS="tflite,tensorrt,ascend,onnxruntime,examples,ray,test"
 # Their published dependencies would pull CUDA torch, sentence-transformers or pandas; what they
 # really import is installed through the extras above.
 NO_DEPS=(
