@@ -84,6 +84,10 @@ class DeployOptions:
             None = the defaults). Below it a target is escalated, then marked "does not ship" (exit 1).
         heldout_dir: unlabelled held-out samples (a folder like ``--calib``) replacing the held-out set
             (``--eval`` is the labelled form; giving both is an error).
+        cluster: run calibration shards and the search's evaluations on Ray (:mod:`deployer.distributed`):
+            None (default: this process only), ``"local"`` or a cluster address (``--ray``, ``--ray-address``).
+        adaround_iters: AdaRound iterations per layer (a budget that gives the same bits on every run and
+            machine, unlike the wall-clock ``adaround``; ``--adaround-iters``); None = the time budget.
         ema_momentum: EMA momentum.
         overwrite: replace an existing output directory.
         no_cache: neither read nor write the user statistics cache (``--no-cache``).
@@ -112,6 +116,8 @@ class DeployOptions:
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
     min_fidelity: FidelityFloor | str | float | dict[str, float] | None = None
     heldout_dir: str | Path | None = None
+    cluster: str | None = None
+    adaround_iters: int | None = None
 
 
 @dataclass
@@ -355,12 +361,14 @@ def compute_statistics(inputs: Inputs, options: DeployOptions, progress: Progres
 
     Attention-mask paths (:func:`deployer.patterns.mask_paths`) are not observed.
     """
+    from deployer.distributed import collector
     from deployer.patterns import mask_paths
 
     stats, _ = cached_statistics(inputs.reference, inputs.calibration, model_sha256(inputs.reference),
                                  use_cache=not options.no_cache, ema_momentum=options.ema_momentum,
                                  skip=mask_paths(inputs.reference) or None,
-                                 progress=lambda d, t: progress("calibration", d, t))
+                                 progress=lambda d, t: progress("calibration", d, t),
+                                 collector=collector(options.cluster))
     return stats
 
 

@@ -1,0 +1,154 @@
+"""Ray runs (``--ray``): sharded calibration byte-identical to one process, the batch of deploys, the
+retry of a killed worker. One local Ray (2 CPUs) is started for the module and shut down after."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from calibration.collect import collect_statistics
+from calibration.dataset import CalibrationSet, load_folder
+from calibration.observers import OBSERVERS
+from calibration.partial import shard_bounds
+from deployer import distributed
+from deployer.model_io import input_specs
+from deployer.pipeline import DeployOptions, Inputs, make_plan
+
+
+
+def conv_matmul_model(seed: int = 0) -> onnx.ModelProto:
+    """x (1,3,8,8) -> Conv 3->8 -> Relu -> NHWC reshape (1,64,8) -> MatMul 8x16 -> ReduceMean -> Softmax.
+
+    Conv inputs get per-channel sums, the MatMul input per-last-axis sums, the Relu output is
+    non-negative (entropy under ``auto``), the Softmax input keeps min/max under clipping observers."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.5, (8, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(0, 0.1, 8).astype(np.float32), "b"),
+             numpy_helper.from_array(rng.normal(0, 0.5, (8, 16)).astype(np.float32), "m"),
+             numpy_helper.from_array(np.array([1, 64, 8], np.int64), "shape")]
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 3, 1]),
+             helper.make_node("Reshape", ["t", "shape"], ["rs"]),
+             helper.make_node("MatMul", ["rs", "m"], ["mm"]),
+             helper.make_node("ReduceMean", ["mm"], ["rm"], axes=[1], keepdims=0),
+             helper.make_node("Softmax", ["rm"], ["y"], axis=-1)]
+    g = helper.make_graph(nodes, "conv_matmul", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def write_calibration(folder: Path, n: int) -> Path:
+    """``n`` samples with a per-sample scale (ranges change from batch to batch, so the EMA moves)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        x = (rng.normal(0, 1, (1, 3, 8, 8)) * (0.5 + (i % 7) / 3)).astype(np.float32)
+        np.savez(folder / f"{i:04d}.npz", x=x)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> object:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    info = distributed.connect("local")
+    yield info
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> CalibrationSet:
+    model = conv_matmul_model()
+    return load_folder(write_calibration(tmp_path_factory.mktemp("calib"), 44), input_specs(model))
+
+
+def _saved(stats: object, path: Path) -> bytes:
+    stats.save(path)  # type: ignore[attr-defined]
+    return path.read_bytes()
+
+
+def test_shard_bounds_cut_at_batch_boundaries() -> None:
+    assert shard_bounds(44, 3, 8) == [(0, 16), (16, 32), (32, 44)]
+    assert shard_bounds(5, 4, 8) == [(0, 5)]
+    b = shard_bounds(1024, 16, 8)
+    assert len(b) == 16 and all((s % 8, e - s) == (0, 64) for s, e in b)
+
+
+def test_sharded_statistics_and_plans_are_byte_identical(local_ray: object, calib: CalibrationSet,
+                                                         tmp_path: Path) -> None:
+    model = conv_matmul_model()
+    one = collect_statistics(model, calib)
+    parts: list[distributed.Partial] = []
+    sharded = distributed.sharded_statistics(model, calib, "local", shards=3, partials=parts)
+    assert len(parts) == 3 and [p.samples for p in parts] == [16, 16, 12]
+    assert _saved(one, tmp_path / "a.json") == _saved(sharded, tmp_path / "b.json")
+    # the closed-form merge of the same shards is not exact for float sums: the in-order fold is needed
+    t = one.tensors["x"]
+    assert t.batches == 6 and t.channel_sum is not None and t.ema_min != t.min
+    inputs = Inputs(model, calib, calib, "classification", "test", "test")
+    for observer in OBSERVERS:
+        opts = DeployOptions(observer=observer, bias_correction=True)
+        make_plan(inputs, one, opts).save(tmp_path / f"{observer}-1.json")
+        make_plan(inputs, sharded, opts).save(tmp_path / f"{observer}-k.json")
+        assert (tmp_path / f"{observer}-1.json").read_bytes() == (tmp_path / f"{observer}-k.json").read_bytes(), observer
+    # the observers really differ on this data (the test would not notice a plan that ignores them)
+    ranges = {o: json.loads((tmp_path / f"{o}-1.json").read_text())["ranges"]["c"] for o in OBSERVERS}
+    assert len({json.dumps(r, sort_keys=True) for r in ranges.values()}) >= 3
+
+
+def test_in_memory_set_is_spilled_and_identical(local_ray: object, calib: CalibrationSet, tmp_path: Path) -> None:
+    model = conv_matmul_model()
+    mem = CalibrationSet([calib[i] for i in range(20)], name="memory")
+    assert not mem.reads_files
+    a = collect_statistics(model, mem)
+    b = distributed.sharded_statistics(model, mem, "local", shards=2)
+    assert _saved(a, tmp_path / "a.json") == _saved(b, tmp_path / "b.json")
+
+
+def _kill_first_time(marker: str, *args: object) -> distributed.Partial:
+    """A shard task that kills its own worker process the first time it runs (the marker file
+    records that), then computes normally when Ray retries it."""
+    if not os.path.exists(marker):
+        Path(marker).write_text(str(os.getpid()))
+        os._exit(1)
+    return distributed.calibrate_shard(*args)  # type: ignore[arg-type]
+
+
+def test_killed_worker_is_retried_and_result_identical(local_ray: object, calib: CalibrationSet,
+                                                       tmp_path: Path) -> None:
+    model = conv_matmul_model()
+    model_path = tmp_path / "m.onnx"
+    onnx.save(model, str(model_path))
+    bounds = shard_bounds(len(calib), 2, 8)
+    marker = tmp_path / "killed-once"
+    args = [(str(marker) if i == 1 else str(tmp_path / "never-killed"),  # only shard 1 dies
+             str(model_path), calib[a:b], a, None, 8, 8192, 4096, 1) for i, (a, b) in enumerate(bounds)]
+    (tmp_path / "never-killed").write_text("")
+    import sys
+
+    import ray.cloudpickle
+
+    # this test module is not importable on the workers (pytest put tests/ on the driver's path only)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    parts = distributed.task_map(_kill_first_time, args, "local")
+    assert marker.exists()  # the first attempt of shard 1 ran and died
+    from calibration.partial import Fold
+
+    fold = Fold(0.9, 8)
+    for p in parts:
+        fold.add_partial(p)
+    assert _saved(fold.result(), tmp_path / "k.json") == _saved(collect_statistics(model, calib), tmp_path / "1.json")
+
+
+def test_without_ray_the_same_map_runs_here(calib: CalibrationSet, tmp_path: Path) -> None:
+    model = conv_matmul_model()
+    a = distributed.sharded_statistics(model, calib, None, shards=4)
+    assert _saved(a, tmp_path / "a.json") == _saved(collect_statistics(model, calib), tmp_path / "b.json")
