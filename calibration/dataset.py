@@ -370,7 +370,8 @@ def spill_to_folder(samples: CalibrationSet, folder: str | Path) -> CalibrationS
         root.mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(samples):
             path = root / f"{i:07d}.npz"
-            np.savez(path, **{k: np.asarray(v) for k, v in s.items()})
+            arrays: dict[str, Any] = {k: np.asarray(v) for k, v in s.items()}
+            np.savez(path, **arrays)
             loader.entries.append((tuple((k, path, k) for k in sorted(s)), None))
     except OSError as e:
         raise BadInputError(f"cannot write calibration samples to {root} ({e.strerror}); choose a writable "

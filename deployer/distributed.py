@@ -110,12 +110,16 @@ def shutdown() -> None:
 
 
 def task_map(fn: Callable[..., R], args: Sequence[tuple[Any, ...]], cluster: str | None = None,
-             num_cpus: float = 1, max_retries: int = MAX_RETRIES) -> list[R]:
-    """``[fn(*a) for a in args]``, in this process or as Ray tasks; results in the order of ``args``.
+             num_cpus: float = 1, max_retries: int = MAX_RETRIES, shared: tuple[Any, ...] = (),
+             progress: Callable[[int, int], None] | None = None) -> list[R]:
+    """``[fn(*shared, *a) for a in args]``, in this process or as Ray tasks; results in the order of ``args``.
 
     Args:
         fn: a top-level (importable) function; deterministic for a retry to be harmless.
         args: one tuple of positional arguments per task (paths and small values: they are pickled).
+        shared: leading arguments common to every task (a model, a few samples): on Ray each is put
+            in the object store once and read by the tasks from there, not pickled per task.
+        progress: called with (tasks done, tasks) as tasks finish.
         cluster: None runs sequentially here; otherwise see :func:`connect`.
         num_cpus: CPUs Ray reserves per task.
         max_retries: times Ray re-runs a task whose worker died (a crash, the OOM killer).
@@ -125,12 +129,23 @@ def task_map(fn: Callable[..., R], args: Sequence[tuple[Any, ...]], cluster: str
             :class:`DeployerError` is unwrapped so its exit code and one-line message survive).
     """
     if cluster is None:
-        return [fn(*a) for a in args]
+        out = []
+        for a in args:
+            out.append(fn(*shared, *a))
+            if progress:
+                progress(len(out), len(args))
+        return out
     ray = _ray()
     connect(cluster)
     remote = ray.remote(fn).options(num_cpus=num_cpus, max_retries=max_retries)
-    refs = [remote.remote(*a) for a in args]
+    put = [ray.put(x) for x in shared]
+    refs = [remote.remote(*put, *a) for a in args]
     try:
+        pending = list(refs)
+        while pending:
+            _ready, pending = ray.wait(pending, num_returns=1)
+            if progress:
+                progress(len(refs) - len(pending), len(refs))
         return list(ray.get(refs))
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
@@ -233,3 +248,20 @@ def collector(cluster: str | None) -> Callable[..., Statistics] | None:
     import functools
 
     return functools.partial(sharded_statistics, cluster=cluster)
+
+
+def _score(evaluate: Callable[[Any], tuple[float, float]], plan: Any) -> tuple[float, float]:
+    return evaluate(plan)
+
+
+def score_plans(evaluate: Any, plans: Sequence[Any], cluster: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> list[tuple[float, float]]:
+    """``[evaluate(p) for p in plans]`` (a :class:`deployer.mixed.PlanScorer`) through :func:`task_map`:
+    on ``cluster`` the scorer (its model and samples, its FP32 reference computed first) is shipped
+    once; its ``evaluations`` count grows by ``len(plans)`` either way."""
+    if cluster is not None and hasattr(evaluate, "reference"):
+        evaluate.reference()  # computed here once, not in every task
+    before = evaluate.evaluations
+    out = task_map(_score, [(p,) for p in plans], cluster, shared=(evaluate,), progress=progress)
+    evaluate.evaluations = before + len(plans)  # the tasks' copies counted on Ray, this one here
+    return out
