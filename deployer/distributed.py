@@ -61,6 +61,20 @@ def resolve(ray: bool, address: str | None) -> str | None:
     return address or os.environ.get(ENV_ADDRESS) or "local"
 
 
+def add_ray_flags(p: Any) -> None:
+    """``--ray`` and ``--ray-address`` on an ``argparse`` parser (deploy, deploy plan, deploy batch)."""
+    p.add_argument("--ray", action="store_true",
+                   help=f"run calibration shards, sensitivity passes and AdaRound layers (batch: every entry) as Ray "
+                        f"tasks; a local Ray unless --ray-address or ${ENV_ADDRESS} names a cluster (needs the ray extra)")
+    p.add_argument("--ray-address", metavar="ADDR", default=None,
+                   help=f"address of a running Ray cluster (ray://head:10001, head:6379, auto); implies --ray")
+
+
+def ray_cluster(args: Any) -> str | None:
+    """The ``cluster`` of parsed ``--ray`` / ``--ray-address`` (:func:`resolve`)."""
+    return resolve(bool(getattr(args, "ray", False)), getattr(args, "ray_address", None))
+
+
 def _ray() -> Any:
     try:
         import ray
@@ -111,7 +125,7 @@ def shutdown() -> None:
 
 def task_map(fn: Callable[..., R], args: Sequence[tuple[Any, ...]], cluster: str | None = None,
              num_cpus: float = 1, max_retries: int = MAX_RETRIES, shared: tuple[Any, ...] = (),
-             progress: Callable[[int, int], None] | None = None) -> list[R]:
+             progress: Callable[[int, int], None] | None = None, return_exceptions: bool = False) -> list[Any]:
     """``[fn(*shared, *a) for a in args]``, in this process or as Ray tasks; results in the order of ``args``.
 
     Args:
@@ -120,6 +134,8 @@ def task_map(fn: Callable[..., R], args: Sequence[tuple[Any, ...]], cluster: str
         shared: leading arguments common to every task (a model, a few samples): on Ray each is put
             in the object store once and read by the tasks from there, not pickled per task.
         progress: called with (tasks done, tasks) as tasks finish.
+        return_exceptions: a failed task's exception is returned in its place (the other tasks'
+            results are kept) instead of raised; on Ray, after its retries.
         cluster: None runs sequentially here; otherwise see :func:`connect`.
         num_cpus: CPUs Ray reserves per task.
         max_retries: times Ray re-runs a task whose worker died (a crash, the OOM killer).
@@ -129,9 +145,14 @@ def task_map(fn: Callable[..., R], args: Sequence[tuple[Any, ...]], cluster: str
             :class:`DeployerError` is unwrapped so its exit code and one-line message survive).
     """
     if cluster is None:
-        out = []
+        out: list[Any] = []
         for a in args:
-            out.append(fn(*shared, *a))
+            try:
+                out.append(fn(*shared, *a))
+            except Exception as e:
+                if not return_exceptions:
+                    raise
+                out.append(e)
             if progress:
                 progress(len(out), len(args))
         return out
@@ -146,7 +167,15 @@ def task_map(fn: Callable[..., R], args: Sequence[tuple[Any, ...]], cluster: str
             _ready, pending = ray.wait(pending, num_returns=1)
             if progress:
                 progress(len(refs) - len(pending), len(refs))
-        return list(ray.get(refs))
+        if not return_exceptions:
+            return list(ray.get(refs))
+        res: list[Any] = []
+        for r in refs:
+            try:
+                res.append(ray.get(r))
+            except ray.exceptions.RayError as e:
+                res.append(getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), Exception) else e)
+        return res
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, DeployerError):

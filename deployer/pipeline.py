@@ -365,11 +365,15 @@ def compute_statistics(inputs: Inputs, options: DeployOptions, progress: Progres
     from deployer.distributed import collector
     from deployer.patterns import mask_paths
 
-    stats, _ = cached_statistics(inputs.reference, inputs.calibration, model_sha256(inputs.reference),
-                                 use_cache=not options.no_cache, ema_momentum=options.ema_momentum,
-                                 skip=mask_paths(inputs.reference) or None,
-                                 progress=lambda d, t: progress("calibration", d, t),
-                                 collector=collector(options.cluster))
+    stats, hit = cached_statistics(inputs.reference, inputs.calibration, model_sha256(inputs.reference),
+                                   use_cache=not options.no_cache, ema_momentum=options.ema_momentum,
+                                   skip=mask_paths(inputs.reference) or None,
+                                   progress=lambda d, t: progress("calibration", d, t),
+                                   collector=collector(options.cluster))
+    if hit and options.cluster is not None:
+        from deployer.distributed import connect
+
+        connect(options.cluster, announce="0 shards (statistics from the cache)")
     return stats
 
 

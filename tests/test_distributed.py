@@ -152,3 +152,56 @@ def test_without_ray_the_same_map_runs_here(calib: CalibrationSet, tmp_path: Pat
     model = conv_matmul_model()
     a = distributed.sharded_statistics(model, calib, None, shards=4)
     assert _saved(a, tmp_path / "a.json") == _saved(collect_statistics(model, calib), tmp_path / "b.json")
+
+
+# -- deploy batch ----------------------------------------------------------------------------------
+
+
+def _manifest(tmp: Path) -> Path:
+    onnx.save(conv_matmul_model(), str(tmp / "m.onnx"))
+    write_calibration(tmp / "calib", 20)
+    (tmp / "calib-other").mkdir()
+    np.savez(tmp / "calib-other" / "0.npz", image=np.zeros((1, 3, 8, 8), np.float32))  # not the model's input name
+    text = """
+defaults:
+  targets: [onnxruntime]
+entries:
+  - {name: ok, model: m.onnx, calib: calib}
+  - {name: wrong-input, model: m.onnx, calib: calib-other}
+  - {name: missing, model: nowhere.onnx, calib: calib}
+"""
+    (tmp / "batch.yaml").write_text(text)
+    return tmp / "batch.yaml"
+
+
+def _codes(summary: dict[str, object]) -> dict[str, int]:
+    return {r["name"]: r["exit_code"] for r in summary["entries"]}  # type: ignore[index,union-attr]
+
+
+def test_batch_sequential_and_on_ray(local_ray: object, tmp_path: Path) -> None:
+    from deployer.batch import run_batch
+    from deployer.cli import main
+
+    manifest = _manifest(tmp_path)
+    rc = main(["batch", str(manifest), "--out", str(tmp_path / "seq"), "--quiet"])
+    seq = json.loads((tmp_path / "seq" / "summary.json").read_text())
+    assert rc == 2 and seq["exit_code"] == 2  # the highest entry code
+    assert _codes(seq) == {"ok": 0, "wrong-input": 2, "missing": 2}  # the failures did not stop the others
+    assert seq["entries"][0]["verdicts"]["onnxruntime"]["ships"] is True and seq["entries"][0]["error"] is None
+    assert "image" in seq["entries"][1]["error"] and "nowhere.onnx" in seq["entries"][2]["error"]
+    page = (tmp_path / "seq" / "index.html").read_text()
+    assert 'href="ok/report.html"' in page and "nowhere.onnx" in page and (tmp_path / "seq" / "ok" / "report.html").is_file()
+    assert not (tmp_path / "seq" / "missing").exists() and not (tmp_path / "seq" / "wrong-input").exists()
+
+    on_ray = run_batch(manifest, tmp_path / "ray", cluster="local")
+    assert _codes(on_ray) == _codes(seq) and on_ray["ray"]["workers"] == 2
+    for name in ("ok",):  # the same plan, byte for byte, from a Ray worker
+        assert (tmp_path / "ray" / name / "plan.json").read_bytes() == (tmp_path / "seq" / name / "plan.json").read_bytes()
+
+
+def test_batch_refuses_a_bad_manifest_before_running(tmp_path: Path) -> None:
+    from deployer.cli import main
+
+    (tmp_path / "bad.yaml").write_text("entries:\n  - {model: m.onnx, colour: red}\n")
+    assert main(["batch", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert not (tmp_path / "o").exists()
