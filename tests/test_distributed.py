@@ -205,3 +205,80 @@ def test_batch_refuses_a_bad_manifest_before_running(tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("entries:\n  - {model: m.onnx, colour: red}\n")
     assert main(["batch", str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+# -- the search and AdaRound on Ray ------------------------------------------------------------------
+
+
+def _plan_and_samples(calib: CalibrationSet) -> tuple[onnx.ModelProto, object]:
+    from deployer.model_io import canonicalize
+
+    model = canonicalize(conv_matmul_model())  # node names, as the pipeline gives them
+    stats = collect_statistics(model, calib)
+    return model, make_plan(Inputs(model, calib, calib, "classification", "test", "test"), stats, DeployOptions())
+
+
+def test_sensitivity_and_adaround_on_ray_equal_sequential(local_ray: object, calib: CalibrationSet) -> None:
+    import math
+
+    from deployer.adaround import AdaRoundConfig, compute_rounding
+    from deployer.escalate import layer_order
+    from deployer.mixed import DEFAULT_SIMULATION_POLICY, Evaluator, relative_metric, sensitivity
+
+    model, plan = _plan_and_samples(calib)
+    samples = [calib[i] for i in range(8)]
+    seq = layer_order(plan, model, samples)  # type: ignore[arg-type]
+    assert len(seq) == 2 and all(r["sqnr_db"] is not None for r in seq)
+    assert layer_order(plan, model, samples, cluster="local") == seq  # type: ignore[arg-type]
+    ev_seq = Evaluator(model, samples, DEFAULT_SIMULATION_POLICY, relative_metric("classification"))
+    ev_ray = Evaluator(model, samples, DEFAULT_SIMULATION_POLICY, relative_metric("classification"))
+    rows = sensitivity(plan, model, ev_seq)  # type: ignore[arg-type]
+    assert sensitivity(plan, model, ev_ray, cluster="local") == rows  # type: ignore[arg-type]
+    assert ev_seq.evaluations == ev_ray.evaluations == 2
+
+    cfg = AdaRoundConfig(samples=8, iterations=60, time_budget_s=math.inf, seed=3)
+    a = compute_rounding(model, plan, calib, cfg)  # type: ignore[arg-type]
+    b = compute_rounding(model, plan, calib, cfg, cluster="local")  # type: ignore[arg-type]
+    c = compute_rounding(model, plan, calib, cfg)  # type: ignore[arg-type]
+    assert len(a.bits) == 2 and sorted(a.bits) == sorted(b.bits)
+    for n in a.bits:
+        assert np.array_equal(a.bits[n], b.bits[n]) and np.array_equal(a.bits[n], c.bits[n]), n
+    assert a.summary["flipped_fraction"] > 0  # learned rounding moved some weights away from nearest
+    strip = lambda s: {k: v for k, v in s.items() if k != "seconds"}  # noqa: E731
+    assert strip(a.summary) == strip(b.summary)
+
+
+def test_cli_plan_with_ray_is_byte_identical(local_ray: object, tmp_path: Path,
+                                              capfd: pytest.CaptureFixture[str]) -> None:
+    from deployer.cli import main
+
+    onnx.save(conv_matmul_model(), str(tmp_path / "m.onnx"))
+    write_calibration(tmp_path / "calib", 40)
+    common = ["plan", "--model", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--no-cache",
+              "--observer", "ema", "--adaround-iters", "30", "--fidelity-target", "0.999", "--search-budget", "4"]
+    assert main([*common, "--out", str(tmp_path / "one.json")]) == 0
+    capfd.readouterr()
+    assert main([*common, "--out", str(tmp_path / "ray.json"), "--ray"]) == 0
+    err = capfd.readouterr().err
+    assert "ray: " in err and ", 2 workers, 2 shards" in err
+    one, on_ray = (tmp_path / "one.json").read_bytes(), (tmp_path / "ray.json").read_bytes()
+    assert one == on_ray and b'"adaround"' in one and b'"rounding"' in one
+
+
+def test_ray_flag_without_ray_installed_exits_3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--ray`` without the package: exit 3 with the install command. The one-machine path never
+    imports ray (a subprocess where importing it fails still plans)."""
+    import subprocess
+    import sys
+
+    onnx.save(conv_matmul_model(), str(tmp_path / "m.onnx"))
+    write_calibration(tmp_path / "calib", 10)
+    args = ["plan", "--model", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "calib"), "--no-cache", "--quiet"]
+    code = ("import sys; sys.modules['ray'] = None; from deployer.cli import main; "
+            f"rc = main({[*args, '--out', str(tmp_path / 'p.json')]!r}); "
+            f"rc2 = main({[*args, '--out', str(tmp_path / 'q.json'), '--ray']!r}); print(rc, rc2)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.stdout.split() == ["0", "3"], res.stderr[-2000:]
+    assert "pip install" in res.stderr and "[ray]" in res.stderr
+    assert (tmp_path / "p.json").is_file() and not (tmp_path / "q.json").exists()
