@@ -2,7 +2,9 @@
 
 Ray (PyPI ``ray``, the ``ray`` extra) is imported only when a run asks for it (``--ray``, API
 ``cluster=``); the one-machine path never imports it. ``cluster`` is ``None`` (no Ray), ``"local"``
-(start Ray on this machine: 2 CPUs, no dashboard, loopback only) or the address of a running
+(start Ray on this machine: 2 CPUs, no dashboard, no log forwarding; ``_node_ip_address`` asks for
+127.0.0.1, but Ray 2.60 still advertises the machine's address and its GCS server listens on every
+interface, which ``ray.init`` has no option to change: firewall its ports on a reachable machine) or the address of a running
 cluster (``ray://head:10001``, ``head:6379`` or ``auto``), as ``ray.init(address=...)`` takes it.
 
 :func:`task_map` is the only place that knows about Ray: callers pass a top-level function and a
@@ -241,8 +243,7 @@ def sharded_statistics(model: onnx.ModelProto, samples: CalibrationSet, cluster:
     workers = connect(cluster).workers if cluster is not None else 1
     bounds = shard_bounds(len(samples), shards or workers, ema_batch)
     if cluster is not None:
-        info = connect(cluster)
-        print(f"ray: {info.address}, {info.workers} workers, {len(bounds)} shards", file=sys.stderr)
+        connect(cluster, announce=f"{len(bounds)} shards")
     scratch = scratch_dir()
     try:
         model_path = scratch / "reference.onnx"

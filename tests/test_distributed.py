@@ -282,3 +282,16 @@ def test_ray_flag_without_ray_installed_exits_3(tmp_path: Path, monkeypatch: pyt
     assert res.stdout.split() == ["0", "3"], res.stderr[-2000:]
     assert "pip install" in res.stderr and "[ray]" in res.stderr
     assert (tmp_path / "p.json").is_file() and not (tmp_path / "q.json").exists()
+
+
+def test_a_shard_pickles_paths_not_samples(calib: CalibrationSet) -> None:
+    import pickle
+
+    shard = calib[8:40]
+    _ = [s for s in shard]  # reading caches the last .npz in the loader: it must not travel
+    copy = pickle.loads(pickle.dumps(shard))
+    assert shard.reads_files and copy._load._last is None  # type: ignore[attr-defined]
+    assert len(pickle.dumps(shard)) < 32 * 768 / 2  # less than half the samples' bytes: paths only
+    assert np.array_equal(copy[3]["x"], calib[11]["x"])
+    mem = CalibrationSet([calib[0]])
+    assert not mem.reads_files
