@@ -170,12 +170,12 @@ def run_batch(manifest: str | Path, out: str | Path, cluster: str | None = None,
         raise BadInputError(f"--out {root} is a file; give a folder for the batch outputs")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
         raise BadInputError(f"{root} is not empty; pass --overwrite or choose another --out")
-    root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ray_info = None
-    if cluster is not None:
+    if cluster is not None:  # before anything is written: no Ray, no output folder
         info = connect(cluster, announce=f"{len(entries)} shards (one deploy per entry)")
         ray_info = {"address": info.address, "workers": info.workers}
+    root.mkdir(parents=True, exist_ok=True)
 
     def done(k: int, n: int) -> None:
         if log:
