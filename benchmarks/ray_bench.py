@@ -92,9 +92,10 @@ def one_calibration(mode: str, model: str, folder: str, out: str) -> dict[str, A
     return res
 
 
-def manifest(path: Path, calib: int, heldout: int, min_fidelity: str | None) -> Path:
-    entries = [{"name": f"{m}-{t}", "model": m, "targets": [t]}
-               for m in ("efficientnet-lite0", "minilm") for t in ("tensorrt", "onnxruntime")]
+def manifest(path: Path, calib: int, heldout: int, min_fidelity: str | None, models: list[str],
+             observers: list[str]) -> Path:
+    entries = [{"name": f"{m}-{t}-{o}", "model": m, "targets": [t], "observer": o}
+               for m in models for o in observers for t in ("tensorrt", "onnxruntime")]
     defaults: dict[str, Any] = {"calib_samples": calib, "heldout_samples": heldout}
     if min_fidelity:
         defaults["min_fidelity"] = min_fidelity
@@ -138,6 +139,8 @@ def main() -> None:
     ap.add_argument("--batch-heldout", type=int, default=16)
     ap.add_argument("--batch-min-fidelity", default=None,
                     help="floor for the batch entries (a low one keeps escalation out of the timing)")
+    ap.add_argument("--batch-models", nargs="+", default=["efficientnet-lite0", "minilm"])
+    ap.add_argument("--batch-observers", nargs="+", default=["minmax"])
     ap.add_argument("--skip-batch", action="store_true")
     ap.add_argument("--skip-calibration", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/ray.json"))
@@ -155,7 +158,8 @@ def main() -> None:
         print(res["ray_calibration"], file=sys.stderr)
         res["identical"] = res["single"]["statistics_sha256"] == res["ray_calibration"]["statistics_sha256"]
     if not a.skip_batch:
-        m = manifest(WORK / "batch.json", a.batch_calib, a.batch_heldout, a.batch_min_fidelity)
+        m = manifest(WORK / "batch.json", a.batch_calib, a.batch_heldout, a.batch_min_fidelity, a.batch_models,
+                     a.batch_observers)
         res["batch_sequential"] = run_batch(m, WORK / "batch-seq", False)
         print(res["batch_sequential"]["wall_s"], file=sys.stderr)
         res["batch_ray"] = run_batch(m, WORK / "batch-ray", True)
