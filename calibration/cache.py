@@ -72,7 +72,8 @@ def store(key: str, stats: Statistics) -> Path | None:
 def cached_statistics(model: onnx.ModelProto, samples: Sequence[Sample], model_sha256: str,
                       use_cache: bool = True, ema_momentum: float = DEFAULT_EMA_MOMENTUM,
                       ema_batch: int = DEFAULT_EMA_BATCH, skip: set[str] | None = None,
-                      progress: Callable[[int, int], None] | None = None) -> tuple[Statistics, bool]:
+                      progress: Callable[[int, int], None] | None = None,
+                      collector: Callable[..., Statistics] | None = None) -> tuple[Statistics, bool]:
     """Statistics from the cache, or from running the model (then stored).
 
     Args:
@@ -80,6 +81,9 @@ def cached_statistics(model: onnx.ModelProto, samples: Sequence[Sample], model_s
         samples: the calibration set (a :class:`CalibrationSet` is hashed by content).
         model_sha256: the plan's model hash (``deployer.model_io.model_sha256``).
         use_cache: False bypasses the cache entirely (``--no-cache``): no read, no write.
+        collector: computes the statistics on a miss, called like
+            :func:`calibration.collect.collect_statistics` (default that function; the sharded
+            :func:`deployer.distributed.sharded_statistics` gives the same bytes, so one cache serves both).
 
     Returns:
         ``(statistics, hit)``; ``hit`` is True when the model did not run.
@@ -94,7 +98,7 @@ def cached_statistics(model: onnx.ModelProto, samples: Sequence[Sample], model_s
             if progress:
                 progress(len(samples), len(samples))
             return hit, True
-    stats = collect.collect_statistics(model, samples, skip=skip, ema_momentum=ema_momentum, ema_batch=ema_batch,
+    stats = (collector or collect.collect_statistics)(model, samples, skip=skip, ema_momentum=ema_momentum, ema_batch=ema_batch,
                                        progress=progress)
     if key is not None:
         store(key, stats)

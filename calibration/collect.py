@@ -30,6 +30,7 @@ from onnx import helper
 from calibration.dataset import Sample
 from calibration.histogram import DEFAULT_BINS
 from calibration.observers import DEFAULT_EMA_BATCH, DEFAULT_EMA_MOMENTUM, STATS_FORMAT, Statistics, TensorStats
+from calibration.partial import BatchRecord, Fold, Partial
 from deployer.errors import BadInputError, UnsupportedModelError
 
 
@@ -154,7 +155,8 @@ def collect_statistics(
             transformer.
 
     Returns:
-        :class:`Statistics` keyed by tensor name.
+        :class:`Statistics` keyed by tensor name: the one-shard case of :class:`calibration.partial.Fold`
+        (a sharded run, :mod:`deployer.distributed`, folds the same batch records and is byte-identical).
 
     Raises:
         BadInputError: a calibration input holds NaN or Inf (the message names input and sample).
@@ -163,6 +165,39 @@ def collect_statistics(
     Warns:
         DegenerateRangeWarning: a graph input never varies, or tensors have a zero range (their
             scale will be clamped to a tiny epsilon).
+    """
+    fold = Fold(ema_momentum, ema_batch)
+    part = collect_partial(model, samples, skip, ema_batch, progress, threads, bins, hist_elements,
+                           on_batch=fold.add_batch)
+    fold.add_exact(part)
+    stats = fold.result()
+    warn_degenerate(stats, part.input_names)
+    return stats
+
+
+def collect_partial(
+    model: onnx.ModelProto,
+    samples: Iterable[Sample],
+    skip: set[str] | None = None,
+    ema_batch: int = DEFAULT_EMA_BATCH,
+    progress: Callable[[int, int], None] | None = None,
+    threads: int = 0,
+    bins: int = DEFAULT_BINS,
+    hist_elements: int = DEFAULT_HIST_ELEMENTS,
+    on_batch: Callable[[BatchRecord], None] | None = None,
+    first_index: int = 0,
+) -> Partial:
+    """The calibration pass of :func:`collect_statistics` over a run of samples, as a :class:`Partial`.
+
+    Args:
+        on_batch: called with each EMA batch's :class:`BatchRecord` as it completes (a one-process
+            pass folds it at once); None keeps the records in ``Partial.batches`` (a shard returns
+            them to the driver, which folds every shard's records in sample order).
+        first_index: index of the first sample in the whole set (error messages name that index).
+        Others: as :func:`collect_statistics`.
+
+    Raises:
+        As :func:`collect_statistics`.
     """
     import onnxruntime as ort
 
@@ -197,17 +232,13 @@ def collect_statistics(
     matmul_inputs = {nd.input[0] for nd in model.graph.node if nd.op_type in ("MatMul", "Gemm") and nd.input}
     channel_tensors = {nd.input[0] for nd in model.graph.node
                        if nd.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") and nd.input}
-    tensors = {n: TensorStats() for n in names}
-    chan_sum: dict[str, np.ndarray] = {}
-    chan_count: dict[str, int] = {}
-    last_max: dict[str, np.ndarray] = {}
-    last_abs: dict[str, np.ndarray] = {}
+    part = Partial(exact={n: TensorStats() for n in names}, input_names=input_names)
+    tensors = part.exact
     shapes_seen = Statistics()
-    last_rows: dict[str, int] = {}
     subsets: dict[int, np.ndarray | slice] = {}
     total = len(samples) if hasattr(samples, "__len__") else 0  # type: ignore[arg-type]
-    bmin: dict[str, float] = {}
-    bmax: dict[str, float] = {}
+    rec = BatchRecord()
+    sink = on_batch if on_batch is not None else part.batches.append
     in_batch = 0
     done = 0
 
@@ -217,16 +248,16 @@ def collect_statistics(
 
     def bin_batch() -> None:
         for n, parts in to_bin.items():
-            tensors[n].observe_reduced(bmin[n], bmax[n], parts[0] if len(parts) == 1 else np.concatenate(parts), bins)
+            tensors[n].observe_reduced(rec.bmin[n], rec.bmax[n],
+                                       parts[0] if len(parts) == 1 else np.concatenate(parts), bins)
         to_bin.clear()
 
     def end_batch() -> None:
+        nonlocal rec
         bin_batch()  # a no-op when the worker binned the batch with its last sample
-        for n in bmin:
-            tensors[n].ema_step(bmin[n], bmax[n], ema_momentum)
-            tensors[n].samples += in_batch
-        bmin.clear()
-        bmax.clear()
+        rec.size = in_batch
+        sink(rec)
+        rec = BatchRecord()
         if progress:
             progress(done, max(total, done))
 
@@ -240,27 +271,22 @@ def collect_statistics(
             # a copy: a strided view would keep the whole activation alive until the batch ends
             to_bin.setdefault(n, []).append(np.array(v if sub is None else sub, copy=True).reshape(-1))
             if v.ndim >= 2 and n in channel_tensors:
-                # float32 pairwise sums along the contiguous axis (a view when the batch is 1), float64 across samples
+                # float32 pairwise sums along the contiguous axis (a view when the batch is 1), float64 across
+                # the samples of the batch, then across batches (calibration.partial.Fold)
                 cs = np.moveaxis(v, 1, 0).reshape(v.shape[1], -1).sum(axis=1).astype(np.float64)
-                prev = chan_sum.get(n)
-                if prev is None:
-                    chan_sum[n], chan_count[n] = cs, v.size // v.shape[1]
-                elif prev.shape == cs.shape:  # channel count changed (dynamic shapes): keep the first
-                    prev += cs
-                    chan_count[n] += v.size // v.shape[1]
+                _acc(rec.chan_sum, rec.chan_count, n, cs, v.size // v.shape[1])
             if v.ndim >= 2 and n in matmul_inputs:
                 rows = np.abs(v.reshape(-1, v.shape[-1]))
                 lm = rows.max(axis=0).astype(np.float64)
                 la = rows.sum(axis=0).astype(np.float64)
-                prev = last_max.get(n)
+                prev = rec.last_max.get(n)
                 if prev is None:
-                    last_max[n], last_abs[n], last_rows[n] = lm, la, rows.shape[0]
+                    rec.last_max[n] = lm
                 elif prev.shape == lm.shape:
                     np.maximum(prev, lm, out=prev)
-                    last_abs[n] += la
-                    last_rows[n] += rows.shape[0]
-            bmin[n] = min(bmin.get(n, lo), lo)
-            bmax[n] = max(bmax.get(n, hi), hi)
+                _acc(rec.last_abs, rec.last_rows, n, la, rows.shape[0])
+            rec.bmin[n] = min(rec.bmin.get(n, lo), lo)
+            rec.bmax[n] = max(rec.bmax.get(n, hi), hi)
         if last_of_batch:
             bin_batch()
 
@@ -282,15 +308,15 @@ def collect_statistics(
     with ThreadPoolExecutor(1, thread_name_prefix="calibration-reduce") as pool:
         try:
             for idx, s in enumerate(samples):
-                _check_finite(s, idx)
+                _check_finite(s, first_index + idx)
                 for name, arr in s.items():
                     shapes_seen.observe_input_shape(name, tuple(int(d) for d in np.shape(arr)))
                 try:
                     outs = sess.run(fetch, s)
                 except Exception as e:  # onnxruntime's errors: the model cannot run on this sample
                     msg = " ".join(str(e).split())[:300] or type(e).__name__
-                    raise UnsupportedModelError(f"ONNX Runtime fails on calibration sample {idx}: {msg}; "
-                                                f"fix the model or the data") from None
+                    raise UnsupportedModelError(f"ONNX Runtime fails on calibration sample {first_index + idx}: "
+                                                f"{msg}; fix the model or the data") from None
                 finish()
                 pending = pool.submit(reduce, outs, s, (idx + 1) % ema_batch == 0)
                 del outs
@@ -300,18 +326,19 @@ def collect_statistics(
                 pending.cancel()
     if in_batch:
         end_batch()
-    for n, a in chan_sum.items():
-        tensors[n].channel_sum = [float(x) for x in a]
-        tensors[n].channel_count = chan_count[n]
-    for n, a in last_max.items():
-        tensors[n].last_axis_absmax = [float(x) for x in a]
-        tensors[n].last_axis_abssum = [float(x) for x in last_abs[n]]
-        tensors[n].last_axis_rows = last_rows[n]
-    stats = Statistics(settings={"ema_momentum": ema_momentum, "ema_batch": ema_batch},
-                       input_shapes=shapes_seen.input_shapes)
-    stats.tensors = tensors
-    _warn_degenerate(stats, input_names)
-    return stats
+    part.input_shapes = shapes_seen.input_shapes
+    part.samples = done
+    return part
+
+
+def _acc(total: dict[str, np.ndarray], counts: dict[str, int], n: str, part: np.ndarray, k: int) -> None:
+    """``total[n] += part`` within one batch (the first sample's shape is kept, others dropped)."""
+    prev = total.get(n)
+    if prev is None:
+        total[n], counts[n] = part, k
+    elif prev.shape == part.shape:
+        prev += part
+        counts[n] += k
 
 
 def statistics_settings(ema_momentum: float = DEFAULT_EMA_MOMENTUM, ema_batch: int = DEFAULT_EMA_BATCH,
@@ -319,7 +346,7 @@ def statistics_settings(ema_momentum: float = DEFAULT_EMA_MOMENTUM, ema_batch: i
                         skip: set[str] | None = None) -> dict[str, object]:
     """Everything that shapes statistics (the cache key; the observer is not part of it)."""
     return {"ema_momentum": ema_momentum, "ema_batch": ema_batch, "bins": bins, "hist_elements": hist_elements,
-            "skip": sorted(skip or ()), "format": STATS_FORMAT, "channel_means": "weighted-op inputs",
+            "skip": sorted(skip or ()), "format": STATS_FORMAT, "channel_means": "weighted-op inputs, summed per EMA batch",
             "last_axis_absmax": "MatMul/Gemm inputs", "last_axis_abssum": "MatMul/Gemm inputs"}
 
 
@@ -340,7 +367,8 @@ def _check_finite(sample: Sample, idx: int) -> None:
             raise BadInputError(f"calibration sample {idx}: input {name!r} contains NaN or Inf; clean the data")
 
 
-def _warn_degenerate(stats: Statistics, input_names: list[str]) -> None:
+def warn_degenerate(stats: Statistics, input_names: list[str]) -> None:
+    """Warn (:class:`DegenerateRangeWarning`) about inputs that never vary and zero-range tensors."""
     flat = stats.degenerate()
     if not flat:
         return

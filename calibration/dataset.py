@@ -134,6 +134,12 @@ class CalibrationSet(Sequence[Sample]):
         """True when samples are loaded on access rather than held in memory."""
         return self._items is None
 
+    @property
+    def reads_files(self) -> bool:
+        """True for a folder set (:func:`load_folder`, :func:`spill_to_folder`) and its views: its
+        pickle holds file paths, not samples (what a Ray task receives)."""
+        return self._items is None and isinstance(self._load, _FolderLoader)
+
     def _view(self, index: Sequence[int]) -> "CalibrationSet":
         cs = CalibrationSet((), self.name)
         cs._items, cs._load, cs._index, cs._specs = self._items, self._load, index, self._specs
@@ -276,6 +282,9 @@ class _FolderLoader:
             return self._last[1]
         return _load_array_file(path, mmap=True)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"names": self.names, "entries": self.entries, "_last": None}  # paths only, never the cached arrays
+
     def __call__(self, i: int) -> Sample:
         files, row = self.entries[i]
         out: Sample = {}
@@ -344,6 +353,29 @@ def load_folder(folder: str | Path, inputs: Sequence[InputSpec]) -> CalibrationS
     if not loader.entries:
         raise BadInputError(f"calibration folder {root} holds no .npy/.npz samples; add at least one")
     return CalibrationSet.lazy(len(loader.entries), loader, name=name)
+
+
+def spill_to_folder(samples: CalibrationSet, folder: str | Path) -> CalibrationSet:
+    """Write ``samples`` to ``folder`` (created), one ``<index>.npz`` per sample keyed by input name,
+    and return the lazy folder set reading them (same samples, same order, same dtypes).
+
+    Raises:
+        BadInputError: the folder cannot be written.
+    """
+    root = Path(folder)
+    loader = _FolderLoader([])
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for i, s in enumerate(samples):
+            path = root / f"{i:07d}.npz"
+            arrays: dict[str, Any] = {k: np.asarray(v) for k, v in s.items()}
+            np.savez(path, **arrays)
+            loader.entries.append((tuple((k, path, k) for k in sorted(s)), None))
+    except OSError as e:
+        raise BadInputError(f"cannot write calibration samples to {root} ({e.strerror}); choose a writable "
+                            f"shared folder") from None
+    loader.names = sorted({k for files, _ in loader.entries for k, _p, _k in files})
+    return CalibrationSet.lazy(len(loader.entries), loader, name=samples.name)
 
 
 def _stack_rows(arrays: dict[str, np.ndarray], inputs: Sequence[InputSpec], src: Path) -> int | None:

@@ -38,6 +38,7 @@ def deploy(model: Any = None, calibration: Any = None,
            eval_dir: str | Path | None = None, metric: Any = None, smoothquant: float | None = None,
            equalize: bool = False, no_smoothquant: bool = False, adaround: float | None = None,
            min_fidelity: Any = None, heldout: str | Path | None = None, gates: Mapping[str, float] | None = None,
+           cluster: str | None = None, adaround_iters: int | None = None,
            progress: Callable[[str, int, int], None] | None = None, **backend_options: Any) -> "DeployResult":
     """Quantize ``model`` once and lower it to each target; verify each artifact against FP32.
 
@@ -70,6 +71,11 @@ def deploy(model: Any = None, calibration: Any = None,
             choice (``mixed``: 0.8). ``no_smoothquant``: none even where the recipe asks for it.
         equalize: cross-layer equalization before calibration (Nagel et al. 2019); off by default.
         adaround: learned weight rounding (Nagel et al. 2020) with this time budget in seconds; None = off.
+        adaround_iters: AdaRound with this many iterations per layer instead of a time budget
+            (reproducible bits; ``--adaround-iters``).
+        cluster: None (this process), ``"local"`` (start Ray here) or a Ray cluster address: calibration
+            shards, sensitivity passes and AdaRound layers run as Ray tasks (:mod:`deployer.distributed`;
+            same plan as without; needs the ``ray`` extra).
         progress: called as ``progress(step, done, total)`` during long steps (calibration, sensitivity);
             messages go to the ``logging`` logger ``"deployer"`` (INFO).
         heldout: unlabelled held-out samples (folder like ``calibration``) to verify on; not with ``eval_dir``.
@@ -121,7 +127,7 @@ def deploy(model: Any = None, calibration: Any = None,
                          enforce_gates=enforce_gates, eval_dir=eval_dir, metric=metric, smoothquant=smoothquant,
                          equalize=equalize, no_smoothquant=no_smoothquant, adaround=adaround,
                          min_fidelity=min_fidelity, heldout_dir=heldout, backend_options=backend_options,
-                         gates=gate_thresholds)
+                         gates=gate_thresholds, cluster=cluster, adaround_iters=adaround_iters)
     import logging
 
     logger = logging.getLogger("deployer")

@@ -23,7 +23,10 @@ What this implementation does, and where it departs from the paper:
   model: every backend lowers them without knowing about AdaRound.
 - Bounded in time: ``iterations`` per layer (the paper uses 10,000; default here 500 at a larger
   learning rate) and a total ``time_budget_s``. Layers not reached keep rounding to nearest and are
-  listed in the summary.
+  listed in the summary. With ``time_budget_s = inf`` (``--adaround-iters N``) only the iterations
+  bound the work, and the bits are reproducible on any machine, sequential or on Ray.
+- Each layer draws its minibatches from its own generator, ``default_rng((seed, layer index))``, so
+  layers are independent tasks (:func:`round_layer`).
 - The plan stores one bit per weight (``floor`` or ``floor + 1``), packed and base64-encoded
   (:func:`encode_bits`), so a plan stays complete and reproducible without the calibration data.
 
@@ -344,11 +347,16 @@ def learn_rounding(node: onnx.NodeProto, w: np.ndarray, xs: list[np.ndarray], cf
 
 def compute_rounding(model: onnx.ModelProto, plan: QuantPlan, samples: Sequence[Sample],
                      config: AdaRoundConfig | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> RoundingResult:
+                     progress: Callable[[int, int], None] | None = None,
+                     cluster: str | None = None) -> RoundingResult:
     """Learned rounding for every eligible INT8 weight of ``model`` (see :func:`rounding_targets`).
 
     Layers are visited in graph order; their FP32 inputs come from ``config.samples`` calibration
-    samples, collected one layer group at a time to bound memory.
+    samples, collected one layer group at a time to bound memory. Each layer is an independent task
+    (:func:`round_layer`, its minibatches drawn from ``default_rng((seed, layer index))``), mapped
+    with :func:`deployer.distributed.task_map`: in this process, or as Ray tasks on ``cluster``.
+    With an iteration budget (``time_budget_s`` infinite, ``--adaround-iters``) the bits are the same
+    on every run, sequential or on Ray; a wall-clock budget stops where the clock says.
 
     Returns:
         :class:`RoundingResult`; ``summary`` has ``layers``, ``skipped`` (node -> reason),
@@ -361,19 +369,32 @@ def compute_rounding(model: onnx.ModelProto, plan: QuantPlan, samples: Sequence[
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small per-layer problems: more threads only contend (measured 3-10x slower on 2 cores)
     try:
-        return _compute_rounding(model, plan, samples, cfg, progress)
+        return _compute_rounding(model, plan, samples, cfg, progress, cluster)
     finally:
         torch.set_num_threads(threads)
 
 
-def _compute_rounding(model: onnx.ModelProto, plan: QuantPlan, samples: Sequence[Sample], cfg: AdaRoundConfig,
-                      progress: Callable[[int, int], None] | None) -> RoundingResult:
+def round_layer(node: onnx.NodeProto, w: np.ndarray, xs: list[np.ndarray], cfg: AdaRoundConfig, index: int,
+                deadline_epoch: float) -> tuple[np.ndarray, dict[str, float]]:
+    """One layer's AdaRound task: :func:`learn_rounding` with the layer's own seeded generator
+    (``default_rng((cfg.seed, index))``), stopping at ``deadline_epoch`` (``time.time()`` seconds; inf:
+    the iterations only). Past the deadline: nearest bits and ``steps`` 0 (not reached)."""
     import torch
+
+    left = deadline_epoch - time.time()
+    if left <= 0:
+        return nearest_bits(w, weight_channel_axis(node)), {"mse_nearest": 0.0, "mse_adaround": 0.0, "steps": 0}
+    torch.set_num_threads(1)
+    torch.manual_seed(cfg.seed + index)
+    return learn_rounding(node, w, xs, cfg, np.random.default_rng((cfg.seed, index)), time.perf_counter() + left)
+
+
+def _compute_rounding(model: onnx.ModelProto, plan: QuantPlan, samples: Sequence[Sample], cfg: AdaRoundConfig,
+                      progress: Callable[[int, int], None] | None, cluster: str | None) -> RoundingResult:
+    from deployer.distributed import task_map
 
     t0 = time.perf_counter()
     deadline = t0 + cfg.time_budget_s
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
     targets, skipped = rounding_targets(model, plan)
     view = GraphView(model)
     subset = [samples[i] for i in range(min(cfg.samples, len(samples)))]
@@ -388,13 +409,15 @@ def _compute_rounding(model: onnx.ModelProto, plan: QuantPlan, samples: Sequence
             not_reached += [n.name for n in chunk]
             continue
         inputs = _layer_inputs(model, subset, sorted({n.input[0] for n in chunk}))
-        for k, node in enumerate(chunk):
-            if time.perf_counter() > deadline:
+        weights = [view.weight_of(node) for node in chunk]
+        until = time.time() + (deadline - time.perf_counter())  # wall-clock, comparable across processes
+        outs = task_map(round_layer, [(node, w, inputs[node.input[0]], cfg, start + k, until)
+                                      for k, (node, w) in enumerate(zip(chunk, weights))], cluster)
+        for k, (node, w, (bits, info)) in enumerate(zip(chunk, weights, outs)):
+            assert w is not None
+            if info["steps"] == 0 and cfg.iterations > 0:  # the clock ran out before this layer began
                 not_reached.append(node.name)
                 continue
-            w = view.weight_of(node)
-            assert w is not None
-            bits, info = learn_rounding(node, w, inputs[node.input[0]], cfg, rng, deadline)
             result.bits[node.name] = bits
             near = nearest_bits(w, weight_channel_axis(node))
             flipped += int(np.sum(bits != near))
@@ -410,7 +433,7 @@ def _compute_rounding(model: onnx.ModelProto, plan: QuantPlan, samples: Sequence
         "output_mse_ratio": round(float(np.median(ratios)), 4) if ratios else None,
         "seconds": round(time.perf_counter() - t0, 1),
         "config": {"samples": cfg.samples, "iterations": cfg.iterations, "learning_rate": cfg.learning_rate,
-                   "time_budget_s": cfg.time_budget_s},
+                   "time_budget_s": cfg.time_budget_s if math.isfinite(cfg.time_budget_s) else None},
     }
     return result
 

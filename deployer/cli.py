@@ -19,13 +19,14 @@ from typing import Any
 
 from calibration.observers import OBSERVERS
 from deployer.adaround import AdaRoundConfig
+from deployer.distributed import add_ray_flags, ray_cluster
 from deployer.errors import DeployerError
 from deployer.mixed import DEFAULT_FIDELITY_TARGET
 from deployer.recovery import DEFAULT_SMOOTHQUANT_ALPHA
 
 ADAROUND_BUDGET_S = AdaRoundConfig().time_budget_s
 
-SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill", "prune")
+SUBCOMMANDS = ("deploy", "plan", "check", "inspect", "verify", "targets", "examples", "recommend", "distill", "prune", "batch")
 SUBCOMMAND_HELP = {
     "deploy": "calibrate, plan, lower to --target and verify (the default when no command is given)",
     "plan": "calibrate and write the plan only (plan.json)",
@@ -37,6 +38,7 @@ SUBCOMMAND_HELP = {
     "recommend": "recommend a compression route for a deployment (the seed's selection rules)",
     "distill": "distil a teacher into a small student",
     "prune": "prune a PyTorch model's channels (Torch-Pruning) and recover with distillation",
+    "batch": "run every deploy of a manifest (models x targets x recipes), on Ray with --ray; summary.json + index.html",
 }
 
 
@@ -78,6 +80,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaround", type=float, default=None, metavar="SECONDS", nargs="?", const=ADAROUND_BUDGET_S,
                    help="AdaRound: learn the rounding of per-channel INT8 weights on calibration data within this "
                         f"time budget (no value: {ADAROUND_BUDGET_S:g} s; off by default; Nagel et al. 2020)")
+    p.add_argument("--adaround-iters", type=int, default=None, metavar="N",
+                   help="AdaRound with N iterations per layer instead of a time budget (same bits on every run)")
+    add_ray_flags(p)
     p.add_argument("--no-bias-correction", action="store_true",
                    help="do not add empirical bias correction (Nagel et al. 2019) to the plan")
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
@@ -249,7 +254,7 @@ def cmd_plan(argv: Sequence[str]) -> int:
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache,
                          bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
-                         adaround=a.adaround,
+                         adaround=a.adaround, adaround_iters=a.adaround_iters, cluster=ray_cluster(a),
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
                          enforce_gates=a.enforce_gates, eval_dir=a.eval_dir)
     plan = plan_only(a.model, a.calib, a.out, opts, _progress(not (a.quiet or a.json) and sys.stderr.isatty()))
@@ -320,7 +325,7 @@ def cmd_deploy(argv: Sequence[str]) -> int:
                          heldout_samples=a.heldout_samples, seed=a.seed, ema_momentum=a.ema_momentum,
                          overwrite=a.overwrite, no_cache=a.no_cache, backend_options=backend_options,
                          bias_correction=not a.no_bias_correction, smoothquant=a.smoothquant, no_smoothquant=a.no_smoothquant, equalize=a.equalize,
-                         adaround=a.adaround,
+                         adaround=a.adaround, adaround_iters=a.adaround_iters, cluster=ray_cluster(a),
                          fidelity_target=a.fidelity_target, search_budget=a.search_budget,
                          enforce_gates=a.enforce_gates, gates=parse_gates(a.gate), eval_dir=a.eval_dir,
                          min_fidelity=a.min_fidelity,
@@ -564,6 +569,10 @@ def _dispatch(args: list[str]) -> int:
         from deployer.prune.cli import cmd_prune
 
         return cmd_prune(args[1:])
+    if args and args[0] == "batch":
+        from deployer.batch import cmd_batch
+
+        return cmd_batch(args[1:])
     if args and args[0] == "recommend":
         from deployer.recommend import cmd_recommend
 

@@ -218,7 +218,7 @@ def _scoring(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOpti
         log("ranking layers by sensitivity (computed once, shared by every target) ...")
         shared.order = layer_order(plan, inputs.reference, samples[:16],
                                    state_nodes(inputs.reference, state_in, state_out),
-                                   progress=lambda d, t: progress("sensitivity", d, t))
+                                   progress=lambda d, t: progress("sensitivity", d, t), cluster=opts.cluster)
     return _Scoring(score, [r["layer"] for r in shared.order], scratch)
 
 

@@ -112,16 +112,18 @@ def state_nodes(model: onnx.ModelProto, state_inputs: Sequence[str], state_outpu
 
 
 def layer_order(plan: QuantPlan, model: onnx.ModelProto, samples: Sequence[Sample],
-                first: Sequence[str] = (), progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
+                first: Sequence[str] = (), progress: Callable[[int, int], None] | None = None,
+                cluster: str | None = None) -> list[dict[str, Any]]:
     """The escalation order: ``first`` (state paths), then MAC layers by one-layer sensitivity, worst first.
 
     Each row: ``{"layer", "op_type", "sqnr_db" (worst output, only this layer INT8), "why"}``.
     Sensitivity uses the generic symmetric Q/DQ simulation (:data:`deployer.mixed.DEFAULT_SIMULATION_POLICY`)
     on ``samples`` (a few calibration samples), so it is computed once and shared by every target.
+    The one-layer passes are independent tasks (:func:`layer_sqnr`, mapped by
+    :func:`deployer.distributed.task_map`: here, or as Ray tasks on ``cluster``; the same rows).
     """
-    from deployer.mixed import DEFAULT_SIMULATION_POLICY, layers_of, only_layers
-    from deployer.qdq import for_policy, lower_qdq
-    from deployer.recovery import prepare_for_lowering
+    from deployer.distributed import task_map
+    from deployer.mixed import layers_of
     from backends.base import onnx_runner
 
     int8 = {n for n, d in plan.nodes.items() if d.precision == Precision.INT8}
@@ -130,19 +132,28 @@ def layer_order(plan: QuantPlan, model: onnx.ModelProto, samples: Sequence[Sampl
             for n in first if n in int8]
     ref = onnx_runner(model, optimize=False)(samples)
     layers = [n for n in layers_of(plan, model) if n not in set(first)]
-    ranked = []
-    for i, name in enumerate(layers):
-        p = for_policy(only_layers(plan, [name]), DEFAULT_SIMULATION_POLICY, model)
-        lowered, _ = lower_qdq(prepare_for_lowering(model, p), p, DEFAULT_SIMULATION_POLICY)
-        out = onnx_runner(lowered, optimize=False)(samples)
-        fid = judge(ref, out, [o.name for o in model.graph.output], "generic")
-        worst = fid.get("sqnr_db")
-        ranked.append({"layer": name, "op_type": types.get(name, ""),
-                       "sqnr_db": None if worst is None else round(float(worst), 3), "why": "sensitivity"})
-        if progress:
-            progress(i + 1, len(layers))
+    worst = task_map(layer_sqnr, [(name,) for name in layers], cluster, shared=(plan, model, list(samples), ref),
+                     progress=progress)
+    ranked = [{"layer": name, "op_type": types.get(name, ""), "sqnr_db": None if w is None else round(w, 3),
+               "why": "sensitivity"} for name, w in zip(layers, worst)]
     ranked.sort(key=lambda r: r["sqnr_db"] if r["sqnr_db"] is not None else math.inf)
     return rows + ranked
+
+
+def layer_sqnr(plan: QuantPlan, model: onnx.ModelProto, samples: Sequence[Sample], ref: list[list[np.ndarray]],
+               name: str) -> float | None:
+    """The worst output's SQNR (dB) with only layer ``name`` INT8 under the generic symmetric Q/DQ
+    simulation, against the FP32 outputs ``ref`` of ``samples``; None when no output is judged by SQNR."""
+    from backends.base import onnx_runner
+    from deployer.mixed import DEFAULT_SIMULATION_POLICY, only_layers
+    from deployer.qdq import for_policy, lower_qdq
+    from deployer.recovery import prepare_for_lowering
+
+    p = for_policy(only_layers(plan, [name]), DEFAULT_SIMULATION_POLICY, model)
+    lowered, _ = lower_qdq(prepare_for_lowering(model, p), p, DEFAULT_SIMULATION_POLICY)
+    out = onnx_runner(lowered, optimize=False)(samples)
+    worst = judge(ref, out, [o.name for o in model.graph.output], "generic").get("sqnr_db")
+    return None if worst is None else float(worst)
 
 
 SAFETY_DB = 0.5

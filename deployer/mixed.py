@@ -206,18 +206,21 @@ class SearchResult:
 
 def sensitivity(plan: QuantPlan, model: onnx.ModelProto, evaluate: PlanScorer,
                 macs: dict[str, int] | None = None,
-                progress: Callable[[int, int], None] | None = None) -> list[dict[str, Any]]:
-    """Quantize one layer at a time; rows sorted worst first (lowest metric, then lowest SQNR)."""
+                progress: Callable[[int, int], None] | None = None, cluster: str | None = None) -> list[dict[str, Any]]:
+    """Quantize one layer at a time; rows sorted worst first (lowest metric, then lowest SQNR).
+
+    The one-layer evaluations are independent: with ``cluster`` they run as Ray tasks
+    (:func:`deployer.distributed.score_plans`), with the same rows as in this process."""
+    from deployer.distributed import score_plans
+
     macs = macs if macs is not None else node_macs(model)
     view = GraphView(model)
     names = layers_of(plan, model)
     rows = []
-    for i, name in enumerate(names):
-        m, sq = evaluate(only_layers(plan, [name]))
+    scores = score_plans(evaluate, [only_layers(plan, [name]) for name in names], cluster, progress)
+    for name, (m, sq) in zip(names, scores):
         rows.append({"layer": name, "op_type": view.nodes[name].op_type, "metric": round(m, 6),
                      "sqnr_db": round(sq, 3) if np.isfinite(sq) else None, "macs": macs.get(name, 0)})
-        if progress:
-            progress(i + 1, len(names))
     # SQNR first: finer-grained and less noisy than agreement on a few samples
     rows.sort(key=lambda r: (r["sqnr_db"] if r["sqnr_db"] is not None else float("inf"), r["metric"]))
     return rows
@@ -226,7 +229,8 @@ def sensitivity(plan: QuantPlan, model: onnx.ModelProto, evaluate: PlanScorer,
 def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: PlanScorer, target: float = DEFAULT_FIDELITY_TARGET,
            budget: int = DEFAULT_BUDGET, high: Precision = Precision.FP16,
            progress: Callable[[int, int], None] | None = None, rank_with: PlanScorer | None = None,
-           order: Sequence[str] | None = None, reason: str | None = None) -> SearchResult:
+           order: Sequence[str] | None = None, reason: str | None = None,
+           cluster: str | None = None) -> SearchResult:
     """Find a short list of layers to keep in ``high`` precision so that the metric >= ``target``.
 
     Args:
@@ -239,6 +243,7 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: PlanScorer, target
             ``evaluate``.
         order: a ranking computed elsewhere (most sensitive first): no sensitivity pass is run.
         reason: the reason written into each moved node's decision.
+        cluster: run the sensitivity pass as Ray tasks (:mod:`deployer.distributed`); same result.
 
     Returns:
         :class:`SearchResult` (stopped on target or budget).
@@ -248,7 +253,7 @@ def search(plan: QuantPlan, model: onnx.ModelProto, evaluate: PlanScorer, target
     if base_metric >= target:
         return SearchResult(plan, [], base_metric, target, "target", evaluate.evaluations,
                             int8_mac_fraction(plan, macs), [])
-    table = [] if order is not None else sensitivity(plan, model, rank_with or evaluate, macs, progress)
+    table = [] if order is not None else sensitivity(plan, model, rank_with or evaluate, macs, progress, cluster)
     order = list(order) if order is not None else [r["layer"] for r in table]
     reason = reason or f"mixed-precision search: kept in {high.value} to reach fidelity target {target}"
     tried: dict[int, float] = {0: base_metric}

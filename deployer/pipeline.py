@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -86,6 +87,10 @@ class DeployOptions:
             None = the defaults). Below it a target is escalated, then marked "does not ship" (exit 1).
         heldout_dir: unlabelled held-out samples (a folder like ``--calib``) replacing the held-out set
             (``--eval`` is the labelled form; giving both is an error).
+        cluster: run calibration shards and the search's evaluations on Ray (:mod:`deployer.distributed`):
+            None (default: this process only), ``"local"`` or a cluster address (``--ray``, ``--ray-address``).
+        adaround_iters: AdaRound iterations per layer (a budget that gives the same bits on every run and
+            machine, unlike the wall-clock ``adaround``; ``--adaround-iters``); None = the time budget.
         ema_momentum: EMA momentum.
         overwrite: replace an existing output directory.
         no_cache: neither read nor write the user statistics cache (``--no-cache``).
@@ -115,6 +120,8 @@ class DeployOptions:
     metric: Callable[[list[list[np.ndarray]]], dict[str, float]] | None = None
     min_fidelity: FidelityFloor | str | float | dict[str, float] | None = None
     heldout_dir: str | Path | None = None
+    cluster: str | None = None
+    adaround_iters: int | None = None
 
 
 @dataclass
@@ -374,12 +381,18 @@ def compute_statistics(inputs: Inputs, options: DeployOptions, progress: Progres
 
     Attention-mask paths (:func:`deployer.patterns.mask_paths`) are not observed.
     """
+    from deployer.distributed import collector
     from deployer.patterns import mask_paths
 
-    stats, _ = cached_statistics(inputs.reference, inputs.calibration, model_sha256(inputs.reference),
-                                 use_cache=not options.no_cache, ema_momentum=options.ema_momentum,
-                                 skip=mask_paths(inputs.reference) or None,
-                                 progress=lambda d, t: progress("calibration", d, t))
+    stats, hit = cached_statistics(inputs.reference, inputs.calibration, model_sha256(inputs.reference),
+                                   use_cache=not options.no_cache, ema_momentum=options.ema_momentum,
+                                   skip=mask_paths(inputs.reference) or None,
+                                   progress=lambda d, t: progress("calibration", d, t),
+                                   collector=collector(options.cluster))
+    if hit and options.cluster is not None:
+        from deployer.distributed import connect
+
+        connect(options.cluster, announce="0 shards (statistics from the cache)")
     return stats
 
 
@@ -456,8 +469,10 @@ def make_plan(inputs: Inputs, stats: Statistics, options: DeployOptions) -> Quan
         # not apply smoothing (per-tensor MatMul weights), an approximation for the smoothed MatMuls
         plan = _with_smoothing(plan, inputs, stats, alpha)
     budget = options.adaround if options.adaround is not None else rec.adaround
+    if options.adaround_iters is not None:  # an iteration budget: reproducible bits (no clock)
+        budget = math.inf
     if budget is not None:
-        plan = _with_rounding(plan, inputs, budget)
+        plan = _with_rounding(plan, inputs, budget, options.adaround_iters, options.cluster)
     if options.bias_correction and rec.bias_correction:
         from deployer.recovery import compute_bias_correction
 
@@ -585,16 +600,23 @@ def _checked_recovery(opts: DeployOptions) -> DeployOptions:
     from deployer.adaround import check_budget
 
     load_recovery(opts.recipe)  # a bad recipe file fails here too
+    if opts.adaround_iters is not None and (isinstance(opts.adaround_iters, bool) or not isinstance(
+            opts.adaround_iters, int) or opts.adaround_iters < 1):
+        raise BadInputError(f"--adaround-iters {opts.adaround_iters!r}: give a whole number of iterations per layer >= 1")
     return dataclasses.replace(opts, adaround=check_budget(opts.adaround))
 
 
-def _with_rounding(plan: QuantPlan, inputs: Inputs, budget: float) -> QuantPlan:
+def _with_rounding(plan: QuantPlan, inputs: Inputs, budget: float, iterations: int | None = None,
+                   cluster: str | None = None) -> QuantPlan:
     """Add AdaRound bits (:mod:`deployer.adaround`) learned on the first calibration samples within
-    ``budget`` seconds; the recipe records what was rounded (no timings: plans stay reproducible
-    when the budget is not hit)."""
+    ``budget`` seconds (inf with ``iterations``: ``--adaround-iters``), layers mapped over ``cluster``;
+    the recipe records what was rounded (no timings: plans stay reproducible when the budget is not hit)."""
     from deployer.adaround import AdaRoundConfig, compute_rounding, encode_bits
 
-    res = compute_rounding(inputs.reference, plan, inputs.calibration, AdaRoundConfig(time_budget_s=float(budget)))
+    cfg = AdaRoundConfig(time_budget_s=float(budget))
+    if iterations is not None:
+        cfg = dataclasses.replace(cfg, iterations=int(iterations))
+    res = compute_rounding(inputs.reference, plan, inputs.calibration, cfg, cluster=cluster)
     summary = {k: v for k, v in res.summary.items() if k != "seconds"}
     if not res.bits:
         why = ("the time budget ran out before the first layer" if res.summary["not_reached"] else
@@ -909,7 +931,7 @@ def plan_only(model: Any = None, calibration: Any = None, out: str | Path = "pla
         res = search(p, inputs.reference, Evaluator(inputs.reference, samples, DEFAULT_SIMULATION_POLICY, metric),
                      target=float(opts.fidelity_target), budget=opts.search_budget,
                      rank_with=Evaluator(inputs.reference, samples[:32], DEFAULT_SIMULATION_POLICY, metric),
-                     progress=lambda d, t: progress("sensitivity", d, t))
+                     progress=lambda d, t: progress("sensitivity", d, t), cluster=opts.cluster)
         p = res.plan.with_nodes(res.plan.nodes, {**res.plan.recipe, "search": {
             "fidelity_target": opts.fidelity_target, "budget": opts.search_budget, "kept": res.kept,
             "target": "generic simulation (deploy plan)"}})

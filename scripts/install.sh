@@ -24,7 +24,7 @@ VENV="$ROOT/.venv"
 STAMP="$VENV/.deployer-install"
 APT_PACKAGES=(fortune-mod fortunes chromium espeak-ng)
 TORCH_PIN="torch==2.13.0"
-EXTRAS="tflite,tensorrt,ascend,onnxruntime,examples,pruning,test"
+EXTRAS="tflite,tensorrt,ascend,onnxruntime,examples,pruning,ray,test"
 # Their published dependencies would pull CUDA torch, sentence-transformers or pandas; what they
 # really import is installed through the extras above.
 NO_DEPS=(
