@@ -30,18 +30,18 @@ def deploy_case(tmp_path: Path, name: str, *extra: str) -> tuple[int, str, dict,
     calib = write_samples(tmp_path / "calib", shapes)
     out = tmp_path / "out"
     rc = main(["--model", str(tmp_path / "m.onnx"), "--calib", str(calib), "--out", str(out),
-               "--target", ",".join(QDQ_TARGETS), "--quiet", "--no-cache", *extra])
+               "--target", ",".join((*QDQ_TARGETS, "tflite")), "--quiet", "--no-cache", *extra])
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
     return rc, str(calib), report, out
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_reduced_case_deploys_on_every_qdq_target(tmp_path: Path, name: str, capsys) -> None:
+def test_reduced_case_deploys_on_every_target(tmp_path: Path, name: str, capsys) -> None:
     rc, _, report, out = deploy_case(tmp_path, name)
     err = capsys.readouterr().err
     assert rc == 0, err
     assert "Traceback" not in err
-    assert set(report["targets"]) == set(QDQ_TARGETS)
+    assert set(report["targets"]) == {*QDQ_TARGETS, "tflite"}  # every target (issue 22's goal)
     for t, entry in report["targets"].items():
         sq = entry["fidelity"]["sqnr_db"]
         assert sq is None or sq > 25, (t, sq)  # the worst output: a real INT8 artifact, close to FP32

@@ -283,7 +283,8 @@ def _lower_job(job: Path, fm: FloatModel, model: onnx.ModelProto, samples: list[
     data = (job / "quantized.tflite").read_bytes()
     res["quantized"] = data
     res["float_ops"] = flatbuf.float_ops(data, res.get("float_reasons"))
-    res["float_nodes"] = [{"node": f["tensor"], "op": f["op"], "reason": f["reason"]} for f in res["float_ops"]]
+    res["float_nodes"] = [{"node": f["tensor"], "op": f["op"], "precision": "fp32", "reason": f["reason"]}
+                          for f in res["float_ops"]]
     return res
 
 
