@@ -54,6 +54,7 @@ def render(recs: list[dict], baseline: str) -> str:  # type: ignore[type-arg]
         if tf and not tf.get("converts"):
             notes.append(f"- `{r['model']}` tflite: {zt.error_cell(tf, 240)}")
     lines += ["", "## TFLite failures (first line of each error)", ""] + (notes or ["none"])
+    lines += zt.not_run(recs)
     lines += ["", "## The zoo", "", "| model | domain | weights | inputs | outputs (kind) | passing |",
               "|---|---|---|---|---|---|"]
     for r in recs:
