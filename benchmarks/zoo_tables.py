@@ -91,6 +91,9 @@ def not_run(recs: list[dict[str, Any]]) -> list[str]:
     from benchmarks.zoo import ZOO
 
     have = {r["model"] for r in recs}
-    lines = [f"- `{r['model']}`: {' '.join(str(r.get('error')).split())[:200]}" for r in recs if r.get("error")]
+    lines = [f"- `{r['model']}`: {' '.join(str(r.get('error')).split())[:200]}"
+             + (f" (build child timed out after {r['prepare']['wall_seconds']} s)"
+                if (r.get("prepare") or {}).get("timed_out") and "timed out" not in str(r.get("error")) else "")
+             for r in recs if r.get("error")]
     lines += [f"- `{n}`: not run in this session (no record)" for n in ZOO if n not in have]
     return ["", "## Models without deploy results", ""] + (lines or ["none"])
