@@ -59,7 +59,8 @@ def render(recs: list[dict], baseline: str) -> str:  # type: ignore[type-arg]
               "|---|---|---|---|---|---|"]
     for r in recs:
         m = r.get("meta") or {}
-        lines.append(f"| {r['model']} | {m.get('domain', 'n/a')} | {m.get('weights', 'n/a')} | {m.get('inputs', 'n/a')} | "
+        lines.append(f"| {r['model']} | {m.get('domain', 'n/a')} | {m.get('weights', 'n/a')} | {m.get('inputs', 'n/a')}"
+                     + "".join(f"; {x}" for x in m.get("notes") or []) + " | "
                      + ", ".join(f"`{k}` ({v})" for k, v in (m.get("outputs") or {}).items()) + " | "
                      + ", ".join(f"{k} {op} {thr}" for k, (op, thr) in (m.get("passing") or {}).items()) + " |")
     return "\n".join(lines) + "\n"
