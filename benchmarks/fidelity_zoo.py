@@ -67,6 +67,7 @@ def render(recs: list[dict], baseline: str) -> str:  # type: ignore[type-arg]
     lines += ["", "## Summary", "", "| target | models passing their task threshold | converted | run |",
               "|---|---|---|---|"]
     lines += [f"| {t} | {s[0]} | {s[1]} | {s[2]} |" for t, s in summary.items()]
+    lines += zt.not_run(recs)
     return "\n".join(lines) + "\n"
 
 

@@ -54,11 +54,13 @@ def render(recs: list[dict], baseline: str) -> str:  # type: ignore[type-arg]
         if tf and not tf.get("converts"):
             notes.append(f"- `{r['model']}` tflite: {zt.error_cell(tf, 240)}")
     lines += ["", "## TFLite failures (first line of each error)", ""] + (notes or ["none"])
+    lines += zt.not_run(recs)
     lines += ["", "## The zoo", "", "| model | domain | weights | inputs | outputs (kind) | passing |",
               "|---|---|---|---|---|---|"]
     for r in recs:
         m = r.get("meta") or {}
-        lines.append(f"| {r['model']} | {m.get('domain', 'n/a')} | {m.get('weights', 'n/a')} | {m.get('inputs', 'n/a')} | "
+        lines.append(f"| {r['model']} | {m.get('domain', 'n/a')} | {m.get('weights', 'n/a')} | {m.get('inputs', 'n/a')}"
+                     + "".join(f"; {x}" for x in m.get("notes") or []) + " | "
                      + ", ".join(f"`{k}` ({v})" for k, v in (m.get("outputs") or {}).items()) + " | "
                      + ", ".join(f"{k} {op} {thr}" for k, (op, thr) in (m.get("passing") or {}).items()) + " |")
     return "\n".join(lines) + "\n"

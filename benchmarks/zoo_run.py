@@ -253,7 +253,8 @@ def run_model(name: str, groups: list[list[str]], timeout: float) -> dict[str, A
     prep = _child(["_prepare", name, str(work)], work.parent / f"{name}-prepare.log", timeout)
     result["prepare"] = prep
     if prep["returncode"] != 0 or not (work / "meta.json").exists():
-        result["error"] = f"build failed: {_tail(work.parent / f'{name}-prepare.log')}"
+        why = f"timed out after {prep['wall_seconds']} s" if prep["timed_out"] else f"exit {prep['returncode']}"
+        result["error"] = f"build failed ({why}): {_tail(work.parent / f'{name}-prepare.log')}"
         return result
     result["meta"] = json.loads((work / "meta.json").read_text())
     for group in groups:

@@ -84,3 +84,16 @@ def header(title: str, recs: list[dict[str, Any]], baseline: str) -> list[str]:
             "time and peak RSS are those of that shared child process (calibration, three lowerings, verification, "
             "report). Times were measured on a machine shared with other jobs (load average 10-15 on 2 cores): "
             "compare them with each other, not with a quiet machine.", ""]
+
+
+def not_run(recs: list[dict[str, Any]]) -> list[str]:
+    """A section listing models whose build (prepare child) failed or that have no target records."""
+    from benchmarks.zoo import ZOO
+
+    have = {r["model"] for r in recs}
+    lines = [f"- `{r['model']}`: {' '.join(str(r.get('error')).split())[:200]}"
+             + (f" (build child timed out after {r['prepare']['wall_seconds']} s)"
+                if (r.get("prepare") or {}).get("timed_out") and "timed out" not in str(r.get("error")) else "")
+             for r in recs if r.get("error")]
+    lines += [f"- `{n}`: not run in this session (no record)" for n in ZOO if n not in have]
+    return ["", "## Models without deploy results", ""] + (lines or ["none"])
