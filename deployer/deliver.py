@@ -150,6 +150,8 @@ def lower_and_verify(backend: Backend, ctx: LoweringContext, ref_out: list[list[
 
 
 _FP32_TASK: dict[int, dict[str, float]] = {}
+RESERVED_FIDELITY_KEYS = frozenset({"outputs", "samples", "sqnr_db", "cosine_mean", "top1_agreement",
+                                    "top1_agreement_ci95", "worst_output", "warning"})
 
 
 def task_metrics(inputs: Inputs, ref_out: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> dict[str, Any]:
@@ -163,11 +165,12 @@ def task_metrics(inputs: Inputs, ref_out: list[list[np.ndarray]], outputs: list[
     fp32 = _FP32_TASK[key]
     art = inputs.metric(outputs)
     out: dict[str, Any] = {}
-    for name, v in art.items():
+    for key, v in art.items():
+        name = f"task_{key}" if key in RESERVED_FIDELITY_KEYS else key  # never overwrites a judged record
         out[name] = v
-        out[f"{name}_fp32"] = fp32.get(name)
-        if fp32.get(name):
-            out[f"{name}_relative"] = round(v / fp32[name], 6)
+        out[f"{name}_fp32"] = fp32.get(key)
+        if fp32.get(key):
+            out[f"{name}_relative"] = round(v / fp32[key], 6)
     return out
 
 

@@ -49,3 +49,18 @@ def test_api_accepts_every_backend_option_the_cli_offers() -> None:
     for name in ("ort_mode", "tflite_mode", "tflite_per_tensor", "strict", "soc_version", "cpu",
                  "trt_version_compatible", "trt_hardware_compatibility", "tflite_io", "tflite_layout"):
         assert name in cli_dests and name in deployer.BACKEND_OPTIONS, name
+
+
+def test_a_user_metric_named_like_a_report_key_does_not_overwrite_it(tmp_path: Path) -> None:
+    """Regression (zoo harness): a metric named ``sqnr_db`` replaced the judged record and deploy crashed."""
+    import numpy as np
+
+    import deployer
+    from models import scores_and_boxes
+
+    model = scores_and_boxes(tmp_path / "head.onnx")
+    calib = write_samples(tmp_path / "calib", {"x": (1, 3, 8, 8)}, 12)
+    res = deployer.deploy(str(model), str(calib), targets="onnxruntime", out_dir=tmp_path / "out", no_cache=True,
+                          metric=lambda outs: {"sqnr_db": float(np.mean([o[1].sum() for o in outs]))})
+    fid = res.targets["onnxruntime"].fidelity
+    assert isinstance(fid["outputs"], dict) and "task_sqnr_db" in fid and "task_sqnr_db_fp32" in fid
