@@ -165,12 +165,12 @@ def task_metrics(inputs: Inputs, ref_out: list[list[np.ndarray]], outputs: list[
     fp32 = _FP32_TASK[key]
     art = inputs.metric(outputs)
     out: dict[str, Any] = {}
-    for key, v in art.items():
-        name = f"task_{key}" if key in RESERVED_FIDELITY_KEYS else key  # never overwrites a judged record
+    for given, v in art.items():
+        name = f"task_{given}" if given in RESERVED_FIDELITY_KEYS else given  # never overwrites a judged record
         out[name] = v
-        out[f"{name}_fp32"] = fp32.get(key)
-        if fp32.get(key):
-            out[f"{name}_relative"] = round(v / fp32[key], 6)
+        out[f"{name}_fp32"] = fp32.get(given)
+        if fp32.get(given):
+            out[f"{name}_relative"] = round(v / fp32[given], 6)
     return out
 
 
