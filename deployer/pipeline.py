@@ -682,7 +682,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
 
         check_input_names(inputs.reference, opts.backend_options["input_shapes"])
     log(f"model: {inputs.source}; {len(inputs.calibration)} calibration / {len(inputs.heldout)} held-out samples")
-    refused = precheck_targets(backends, targets, inputs.reference, opts, log)
+    refused = precheck_targets(backends, targets, inputs.reference, opts, log,
+                               dict(inputs.calibration[0]) if len(inputs.calibration) else None)
     targets = [t for t in targets if t not in refused]
     if loaded_plan is not None:
         from deployer.graph import GraphView
@@ -806,7 +807,8 @@ def run_deploy(model: Any = None, calibration: Any = None, out_dir: str | Path =
 
 
 def precheck_targets(backends: dict[str, Backend], targets: Sequence[str], model: onnx.ModelProto,
-                     opts: DeployOptions, log: Callable[[str], None]) -> dict[str, DeployerError]:
+                     opts: DeployOptions, log: Callable[[str], None],
+                     sample: dict[str, np.ndarray] | None = None) -> dict[str, DeployerError]:
     """Before any calibration: each target whose backend has ``precheck(model, options)`` (e.g. TFLite's
     conversion check) says whether it can lower this graph. Returns the refusing targets with their error;
     with every target refusing, raises the worst error (nothing is written).
@@ -820,7 +822,7 @@ def precheck_targets(backends: dict[str, Backend], targets: Sequence[str], model
         if check is None:
             continue
         try:
-            findings = check(model, dict(opts.backend_options))
+            findings = check(model, dict(opts.backend_options), sample)
         except DeployerError as e:
             refused[t] = e
             continue

@@ -70,14 +70,16 @@ class TFLiteBackend:
                 return False, f"{mod} is not installed; {INSTALL}"
         return True, ""
 
-    def precheck(self, model: onnx.ModelProto, options: dict[str, Any]) -> list[Finding]:
-        """Before calibration (``deploy --target tflite,...``): :meth:`check`.
+    def precheck(self, model: onnx.ModelProto, options: dict[str, Any],
+                 sample: dict[str, np.ndarray] | None = None) -> list[Finding]:
+        """Before calibration (``deploy --target tflite,...``): :meth:`check` on the first calibration
+        ``sample`` (random inputs can leave a real model's value ranges, e.g. token ids or masks).
 
         Raises:
             GateFailedError: ``strict`` and an op would stay float (the target would fail after
                 calibration otherwise; exit 1 as any ``--strict`` miss).
         """
-        findings = self.check(model)
+        findings = self.check(model, sample)
         floats = [f for f in findings if f.rule == "tflite-float-op"]
         if floats and TFLiteOptions.from_options(options).strict:
             raise GateFailedError(f"--strict: {len(floats)} op(s) would stay float in the .tflite: "
@@ -93,7 +95,7 @@ class TFLiteBackend:
         """Layers the floor keeps out of INT8 become float islands; none under ``strict``."""
         return None if TFLiteOptions.from_options(options).strict else Precision.FP32
 
-    def check(self, model: onnx.ModelProto) -> list[Finding]:
+    def check(self, model: onnx.ModelProto, sample: dict[str, np.ndarray] | None = None) -> list[Finding]:
         """Whether ``model`` converts to a ``.tflite`` and which ops would stay float, before any
         calibration: converts in a child process and quantizes a random sample's ranges (shapes:
         symbolic dims 1 on the first axis, 16 elsewhere).
@@ -104,7 +106,8 @@ class TFLiteBackend:
         ok, why = self.available()
         if not ok:
             return [Finding("tflite-unavailable", "-", why, INSTALL)]
-        sample = random_sample(model)
+        if sample is None:
+            sample = random_sample(model)
         with tempfile.TemporaryDirectory(prefix="deployer-tflite-check-") as d:
             try:
                 prepared, _ = upcast_half(model)
