@@ -191,13 +191,14 @@ def test_strict_fails_when_an_op_stays_float(tmp_path):
     rng = np.random.default_rng(1)
     cal = CalibrationSet([{"x": rng.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(8)])
     plan = make_plan(Inputs(model, cal, cal, "generic", "t", "t"), collect_statistics(model, cal), DeployOptions())
-    with pytest.raises(GateFailedError, match="--strict: 1 op"):
+    with pytest.raises(GateFailedError, match=r"--strict: \d+ op.*DIV"):
         TFLiteBackend().lower(LoweringContext(model, plan, tmp_path / "s", cal, {"strict": True,
                                                                                  "tflite_latency_runs": 0}))
     art = TFLiteBackend().lower(LoweringContext(model, plan, tmp_path / "n", cal, {"tflite_latency_runs": 0}))
-    assert [(f["op"], f["node"]) for f in art.extra["float_nodes"]] == [("DIV", "d")]
-    assert "DIV" in art.extra["float_nodes"][0]["reason"]
-    assert art.extra["float_ops"][0]["op"] == "DIV"
+    # the DIV and its divisor path (int8 DIV does not run in LiteRT; a quantized divisor blows up 1/x)
+    floats = {(f["op"], f["node"]) for f in art.extra["float_nodes"]}
+    assert ("DIV", "d") in floats and all("DIV" in f["reason"] for f in art.extra["float_nodes"]), floats
+    assert "DIV" in {f["op"] for f in art.extra["float_ops"]}
     assert _cosine(onnx_runner(model)(cal), art.run(cal)) > 0.99
 
 
