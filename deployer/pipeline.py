@@ -181,12 +181,7 @@ def load_inputs(model: Any, calib: Any = None, options: DeployOptions | None = N
         BadInputError: unknown example, unreadable model, calibration that does not match the model.
     """
     opts = options or DeployOptions()
-    if opts.calib_samples is not None and opts.calib_samples < 1:
-        raise BadInputError(f"--calib-samples {opts.calib_samples}: give a positive number of samples")
-    if opts.heldout_samples < 1:
-        raise BadInputError(f"--heldout-samples {opts.heldout_samples}: give a positive number of samples")
-    if not 0.0 <= opts.ema_momentum < 1.0:
-        raise BadInputError(f"--ema-momentum {opts.ema_momentum}: an EMA needs 0 <= momentum < 1")
+    _check_values(opts)  # also here: load_inputs is public API, called without preflight
     if isinstance(model, ExampleData):  # prepared data, e.g. a distilled student with its example's splits
         ref = canonicalize(model.model)
         cal = model.calibration if calib is None else _user_calibration(calib, ref)
