@@ -226,7 +226,8 @@ def _scoring(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOpti
 
 
 def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring, options: dict[str, Any],
-              deficit_db: float) -> tuple[QuantPlan, dict[str, Any], dict[str, Any]]:
+              deficit_db: float, judged_out: list[dict[str, Any]] | None = None
+              ) -> tuple[QuantPlan, dict[str, Any], dict[str, Any]]:
     """(escalated plan, backend options to lower it with, report section)."""
     from deployer.escalate import escalate
 
@@ -234,6 +235,8 @@ def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring, options: dic
     section: dict[str, Any] = {"samples": f"{len(score.samples)} search samples (never the held-out set)",
                                "tried": []}
     for extra_opts in getattr(backend, "escalation_options", lambda o: [])(options):
+        if extra_opts in (judged_out or []):  # the held-out set already failed it in an earlier round
+            continue
         margin, _ = score(plan, extra_opts)
         section["tried"].append({"options": extra_opts, "margin_db": round(margin, 3)})
         if margin >= deficit_db + SAFETY_DB:
@@ -246,6 +249,8 @@ def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring, options: dic
     res = escalate(plan, _model_of(score), scoring.order, score, high, deficit_db=deficit_db)
     section.update({k: v for k, v in res.items() if k != "plan"})
     section["precision"] = high.value
+    if score.failures:
+        section["failed_candidates"] = list(score.failures)
     return res["plan"], options, section
 
 
@@ -327,23 +332,29 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
             if scoring is None:
                 scoring = _scoring(backend, plan, inputs, opts, floor, tmp, out_names, shared, progress, log, "floor")
             base_plan, deficit = plan, -floor_margin(res.fidelity, floor)
+            judged_out: list[dict[str, Any]] = []
             section.update({"escalated": True, "rounds": [],
                             "before": {"misses": misses, "sqnr_db": res.fidelity.get("sqnr_db")}})
             for _ in range(ESCALATION_ROUNDS):  # the held-out set judges each round; a miss asks for more
                 new_plan, new_options, esc = _escalate(backend, base_plan, scoring, dict(opts.backend_options),
-                                                       deficit)
+                                                       deficit, judged_out)
                 section["rounds"].append(esc)
-                section["escalation"] = esc
-                if new_plan is base_plan and new_options == dict(opts.backend_options):
-                    break
+                section.setdefault("escalation", esc)
+                if not esc.get("kept") and new_options == dict(opts.backend_options):
+                    break  # nothing to change: the search found no better candidate
                 shutil.rmtree(tmp / backend.name, ignore_errors=True)
                 plan, options = new_plan, new_options
+                section["escalation"] = esc  # the round whose plan and options were applied
                 res = lower_and_verify(backend, make_context(backend, plan, inputs, options, tmp), ref_out,
                                        out_names, inputs, tmp, shared.kept)
                 misses = below_floor(res.fidelity, floor) if res.fidelity else []
                 if not misses:
                     break
-                deficit += max(-floor_margin(res.fidelity, floor), 0.0) + SAFETY_DB
+                extra = {k: v for k, v in new_options.items() if opts.backend_options.get(k) != v}
+                if extra and not esc.get("kept"):
+                    judged_out.append(extra)  # these options alone missed on the held-out set: islands next
+                else:
+                    deficit += max(-floor_margin(res.fidelity, floor), 0.0) + SAFETY_DB
             if plan is not base_plan or options != dict(opts.backend_options):
                 esc = section["escalation"]
                 notes.append(f"escalated for the fidelity floor: {len(esc.get('kept', []))} layer(s) kept in "

@@ -32,6 +32,7 @@ import numpy as np
 import onnx
 
 from calibration.dataset import Sample
+from deployer.errors import DeployerError
 from deployer.judge import FidelityFloor, floor_margin, judge
 from deployer.plan import Precision, QuantPlan
 
@@ -63,6 +64,8 @@ class TargetScorer:
     scratch: Path
     input_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     evaluations: int = 0
+    failures: list[str] = field(default_factory=list)
+    """One line per candidate that could not be lowered or run (it scores -inf: never chosen)."""
     mode: str = "floor"
     """``floor``: score = :func:`deployer.judge.floor_margin` (dB, >= 0 passes); ``target``: score = the
     lowest relative primary metric over the outputs (:func:`relative_score`, a fraction of FP32)."""
@@ -80,6 +83,9 @@ class TargetScorer:
             if art.run is None:
                 return -math.inf, -math.inf
             fid = judge(self.ref_out, art.run(self.samples), self.out_names, self.task, self.input_shapes)
+        except DeployerError as e:  # a candidate that does not lower or run (e.g. LiteRT refusing an int16 op)
+            self.failures.append(" ".join(str(e).split())[:200])
+            return -math.inf, -math.inf
         finally:
             shutil.rmtree(work, ignore_errors=True)
         worst = fid.get("sqnr_db")
