@@ -30,10 +30,14 @@ def _mix(rec: dict) -> str:  # type: ignore[type-arg]
 
 
 def _escalated(rec: dict) -> str:  # type: ignore[type-arg]
-    esc = rec.get("escalation")
-    if esc is None:
+    if rec.get("escalated") is None:
         return "n/a"
-    return "yes" if esc else "no"
+    if not rec["escalated"]:
+        return "no"
+    esc = rec.get("escalation") or {}
+    opts = [t["options"] for t in esc.get("tried", []) if isinstance(t, dict)]
+    return (f"yes: {len(esc.get('kept') or [])} layer(s) {esc.get('precision', '')}"
+            + (f", tried {opts}" if opts else "") + f", {esc.get('evaluations', '?')} evals").strip()
 
 
 def render(recs: list[dict], baseline: str) -> str:  # type: ignore[type-arg]

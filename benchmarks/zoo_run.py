@@ -152,7 +152,13 @@ def deploy_group(name: str, targets: list[str], work: Path) -> dict[str, dict[st
     seconds = round(time.perf_counter() - t0, 1)
     report = json.loads(res.report_path.read_text())
     plan_sha = hashlib.sha256((out_dir / "plan.json").read_bytes()).hexdigest()[:16]
-    art_outs = seen[1:] if len(seen) == 1 + len(targets) else []
+    # the metric sees FP32 first, then every verification of every target in order: once, plus once per
+    # escalation round that re-lowered it (fidelity_floor.rounds[].applied); a failed target: none
+    calls = [0 if report["targets"][t].get("error") else
+             1 + sum(1 for r in ((report["targets"][t].get("fidelity_floor") or {}).get("rounds") or [])
+                     if r.get("applied")) for t in targets]
+    last = [sum(calls[: k + 1]) for k in range(len(targets))]  # index in seen of each target's final outputs
+    art_outs = [seen[i] if c else [] for i, c in zip(last, calls)] if len(seen) == 1 + sum(calls) else []
     recs = {}
     for k, t in enumerate(targets):
         tr = report["targets"][t]
@@ -162,7 +168,8 @@ def deploy_group(name: str, targets: list[str], work: Path) -> dict[str, dict[st
             "size_bytes": tr.get("size_bytes"), "report_fidelity": tr.get("fidelity"), "notes": tr.get("notes"),
             "verdict": tr.get("verdict"), "float_nodes": tr.get("float_nodes"), "float_ops": tr.get("float_ops"),
             "fp32_islands": tr.get("fp32_islands"), "latency_ms": tr.get("latency_ms"),
-            "escalation": tr.get("escalation") or tr.get("escalated"),
+            "escalation": (tr.get("fidelity_floor") or {}).get("escalation"),
+            "escalated": (tr.get("fidelity_floor") or {}).get("escalated"),
             "precision": _precision_mix(out_dir / "plan.json", out_dir / t / "plan.json"),
             "report_wall_seconds": report.get("wall_seconds")}
         if art_outs and len(art_outs[k]) == len(ref):

@@ -340,7 +340,8 @@ def deliver(backend: Backend, plan: QuantPlan, inputs: Inputs, opts: DeployOptio
                                                        deficit, judged_out)
                 section["rounds"].append(esc)
                 section.setdefault("escalation", esc)
-                if not esc.get("kept") and new_options == dict(opts.backend_options):
+                esc["applied"] = bool(esc.get("kept")) or new_options != dict(opts.backend_options)
+                if not esc["applied"]:
                     break  # nothing to change: the search found no better candidate
                 shutil.rmtree(tmp / backend.name, ignore_errors=True)
                 plan, options = new_plan, new_options
