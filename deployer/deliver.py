@@ -234,12 +234,13 @@ def _escalate(backend: Backend, plan: QuantPlan, scoring: _Scoring, options: dic
     score = scoring.score
     section: dict[str, Any] = {"samples": f"{len(score.samples)} search samples (never the held-out set)",
                                "tried": []}
-    for extra_opts in getattr(backend, "escalation_options", lambda o: [])(options):
-        if extra_opts in (judged_out or []):  # the held-out set already failed it in an earlier round
-            continue
+    tries = [o for o in getattr(backend, "escalation_options", lambda o: [])(options)
+             if o not in (judged_out or [])]  # options the held-out set already failed are not retried
+    base = score(plan)[0] if tries else 0.0  # the same goal as the islands' (deployer.escalate.escalate)
+    for extra_opts in tries:
         margin, _ = score(plan, extra_opts)
         section["tried"].append({"options": extra_opts, "margin_db": round(margin, 3)})
-        if margin >= deficit_db + SAFETY_DB:
+        if margin >= base + max(deficit_db, 0.0) + SAFETY_DB:
             section.update({"stopped_on": "floor", "kept": [], "evaluations": score.evaluations})
             return plan, {**options, **extra_opts}, section
     high = _escalation_precision(backend, options)
