@@ -46,7 +46,7 @@ MIN_SAMPLES = 30
 KINDS = ("class_scores", "embedding", "sequence", "state", "map", "regression")
 PRIMARY = {"class_scores": "top1_agreement", "embedding": "cosine", "sequence": "step_agreement",
            "state": "sqnr_db", "map": "sqnr_db", "regression": "sqnr_db"}
-_STATE_NAME = re.compile(r"(^|[^a-z])(state|hidden|cell|hn|cn|h_n|c_n|h0|c0|h|c)([^a-z]|$)", re.IGNORECASE)
+_STATE_NAME = re.compile(r"(^|[^a-z])((state|hidden|cell)(n|s)?|hn|cn|h_n|c_n|h0|c0)([^a-z0-9]|$)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
