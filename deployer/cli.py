@@ -397,9 +397,13 @@ def _save_log(out_dir: Any) -> None:
 
     from deployer.terminal import captured_log
 
+    from deployer.output_dir import add_to_manifest
+
     text = captured_log()
-    if text and Path(out_dir).is_dir():
-        (Path(out_dir) / "log.txt").write_text(text, encoding="utf-8")
+    out = Path(out_dir)
+    if out.is_dir():
+        (out / "log.txt").write_text(text or "(no third-party output during this run)\n", encoding="utf-8")
+        add_to_manifest(out, ["log.txt"])  # written by this command: a later --overwrite may replace it
 
 
 def format_table(report: dict[str, Any]) -> str:

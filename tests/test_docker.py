@@ -172,7 +172,8 @@ def replay_steps(target: str) -> list[list[str]]:
 
 
 LOCAL_PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}"
-SINGLE_TARGET_STEPS = {"tflite": [["-c", "constraints.txt", ".[tflite]"]]}
+SINGLE_TARGET_STEPS = {"tflite": [["-c", "constraints.txt", ".[tflite]"],
+                                  ["--no-deps", "--ignore-requires-python", "onnx2tf==2.6.9"]]}
 """Images whose pip steps tests/test_single_target_install.py already replays (in a fresh venv, then
 ``deploy targets`` and a deploy): not built a second time here, to keep CI short."""
 REPLAYED = [t for t in TARGETS if image_python(t) == LOCAL_PYTHON and t not in SINGLE_TARGET_STEPS]

@@ -47,7 +47,12 @@ def test_tflite_meets_goal(result) -> None:  # type: ignore[no-untyped-def]
     # the TFLite issue's stricter goals on the same run
     assert t["fidelity"]["top1_agreement"] >= 0.95, t["fidelity"]
     assert t["size_bytes"]["ratio"] <= 0.27, t["size_bytes"]
-    assert t["tensors_without_plan_range"] == [] and t["float_ops"] == []
+    assert t["tensors_without_plan_range"] == []
+    # full integer, except the float islands the fidelity floor's escalation asked for (issue 18), each
+    # listed with that reason; the target ships
+    assert all("float island" in f["reason"] for f in t["float_ops"]), t["float_ops"]
+    assert t["float_ops"] == [] or t["fidelity_floor"]["escalated"], t["fidelity_floor"]
+    assert t["verdict"]["ships"] is True, t["verdict"]
     assert t["latency_ms"]["artifact"] > 0 and t["latency_ms"]["fp32"] > 0
     io = t["io"]
     assert io["inputs"][0]["dtype"] == "int8" and io["outputs"][0]["dtype"] == "int8"

@@ -328,7 +328,9 @@ def test_report_records_flavour_build_cpu_and_speed(tmp_path: Path) -> None:
     assert t["kernel_flavour"]["name"] == choose_flavour(detect().isa).name and t["kernel_flavour"]["why"]
     assert t["build_cpu"]["isa"] == detect().isa and t["speed"]["cpu_flags"]["isa"] == detect().isa
     assert t["speed"]["ratio"] == t["throughput_qps"]["speedup"] and t["latency_ms"]["artifact"] > 0
-    assert t["gates"]["speed-per-fidelity"]["status"] in ("pass", "fail")  # measured, so the gate applies
+    # measured; without a labelled task metric the seed gate is "not evaluated" (issue 21), with its reason
+    gate = t["gates"]["speed-per-fidelity"]
+    assert gate["status"] in ("pass", "fail") or "labelled" in gate["reason"], gate
     assert ("speed_warning" in t) == (t["speed"]["ratio"] < 1.0)
 
 

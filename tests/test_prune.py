@@ -273,7 +273,8 @@ def test_deploy_prune_cli_user_factory(tmp_path: Path) -> None:
     r = _cli("prune", "--model", "tinynet:net", "--ratio", "0.3", "--criterion", "l2", "--data", str(data), "--out",
              str(out), "--epochs", "1", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == ["pruned.onnx", "pruned.pt", "pruning_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".deployer-manifest.json", "pruned.onnx", "pruned.pt",
+                                                     "pruning_report.json"]
     rep = json.loads((out / "pruning_report.json").read_text())
     assert rep == json.loads(r.stdout)
     assert rep["pruning"]["criterion"] == "l2" and "not_run" in rep["pruning"]["stages"]["quantized"]
