@@ -18,7 +18,7 @@ import onnx
 from deployer.cli import main
 from test_cli_bad_input import tiny_model, write_calib
 
-REPORT_FILES = {"report.json", "report.html", ".deployer-manifest.json"}  # the manifest, written last, lists the files
+REPORT_FILES = {"report.json", "report.html", ".deployer-manifest.json", "log.txt"}  # written after report.json: the manifest (lists the files) and the CLI's log of third-party output
 TIME_KEYS = {"time", "date", "datetime", "timestamp", "created", "created_at", "wall_seconds", "seconds"}
 
 
