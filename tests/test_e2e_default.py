@@ -46,8 +46,10 @@ def test_tflite_meets_goal(result) -> None:  # type: ignore[no-untyped-def]
     assert t["size_bytes"]["artifact"] <= 0.30 * t["size_bytes"]["fp32"], t["size_bytes"]
     # the TFLite issue's stricter goals on the same run
     assert t["fidelity"]["top1_agreement"] >= 0.95, t["fidelity"]
-    # full integer: <= 27% (the TFLite issue's goal); float islands from the floor's escalation weigh more
-    assert t["size_bytes"]["ratio"] <= (0.27 if not t["float_ops"] else 0.30), t["size_bytes"]
+    # int8 full integer: <= 27% (the TFLite issue's goal); what the floor's escalation chose (16x8 with its
+    # int64 biases, or float islands) weighs a little more: the 30% bound applies then
+    escalated = t["fidelity_floor"]["escalated"]
+    assert t["size_bytes"]["ratio"] <= (0.30 if escalated else 0.27), (t["size_bytes"], t["fidelity_floor"])
     assert t["tensors_without_plan_range"] == []
     # full integer, except the float islands the fidelity floor's escalation asked for (issue 18), each
     # listed with that reason; the target ships
