@@ -81,13 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--baseline", default="", help="a sentence on which code was measured")
     a = ap.parse_args(argv)
-    recs = zt.load(a.results)
-    if not recs:
-        print(f"fidelity_zoo: error: no records in {a.results}; run benchmarks/zoo_run.py first", file=sys.stderr)
-        return 2
-    a.out.write_text(render(recs, a.baseline), encoding="utf-8")
-    print(f"wrote {a.out} ({len(recs)} models)")
-    return 0
+    return zt.write_table("fidelity_zoo", a.results, a.out, a.baseline, render)
 
 
 if __name__ == "__main__":

@@ -78,13 +78,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if zoo_run.main(["--out", str(a.results)]) != 0:
             return 1
-    recs = zt.load(a.results)
-    if not recs:
-        print(f"tflite_zoo: error: no records in {a.results}; run benchmarks/zoo_run.py first", file=sys.stderr)
-        return 2
-    a.out.write_text(render(recs, a.baseline), encoding="utf-8")
-    print(f"wrote {a.out} ({len(recs)} models)")
-    return 0
+    return zt.write_table("tflite_zoo", a.results, a.out, a.baseline, render)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,16 @@ def not_run(recs: list[dict[str, Any]]) -> list[str]:
              for r in recs if r.get("error")]
     lines += [f"- `{n}`: not run in this session (no record)" for n in ZOO if n not in have]
     return ["", "## Models without deploy results", ""] + (lines or ["none"])
+
+
+def write_table(prog: str, results: Path, out: Path, baseline: str, render: Any) -> int:
+    """Load the zoo records, render one table to ``out``; 2 (with a message) when there are none."""
+    import sys
+
+    recs = load(results)
+    if not recs:
+        print(f"{prog}: error: no records in {results}; run benchmarks/zoo_run.py first", file=sys.stderr)
+        return 2
+    out.write_text(render(recs, baseline), encoding="utf-8")
+    print(f"wrote {out} ({len(recs)} models)")
+    return 0
